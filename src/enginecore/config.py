@@ -1,0 +1,153 @@
+"""`EngineConfig`: the one configuration object, shared by every process.
+
+Leaf module (imports only `msgspec` and the stdlib). It travels to the engine core and the
+workers as JSON on their command line, so every field is plain data. This is also the only module
+that reads environment variables (see `Env`).
+
+`EngineConfig.create(...)` fills the derived fields (max_model_len, vocab size, EOS ids) from the
+checkpoint's `config.json` / `generation_config.json`, so no process needs transformers for that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+
+class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
+    model: str  # directory holding config.json + *.safetensors
+    tokenizer: str | None = None  # defaults to `model`
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 ("auto": bf16 on GPU, fp32 on CPU)
+    max_model_len: int = 0  # 0: the checkpoint's max_position_embeddings
+    seed: int = 0
+    # Derived from the checkpoint by `EngineConfig.create`.
+    architecture: str = ""
+    vocab_size: int = 0
+    eos_token_ids: list[int] = []
+
+
+class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
+    block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    # CPU has no memory profiler worth trusting: size the KV cache by bytes instead.
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None  # exact block count (tests force preemption with it)
+
+
+class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192  # per-step token budget
+    enable_chunked_prefill: bool = True
+    policy: Literal["fcfs", "priority"] = "fcfs"
+
+
+class ParallelConfig(msgspec.Struct, frozen=True, kw_only=True):
+    tensor_parallel_size: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
+    model: ModelConfig
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+    @classmethod
+    def create(cls, model: str, **kwargs: object) -> EngineConfig:
+        """Build from flat vLLM-style keyword names (`max_num_seqs=...`) and validate."""
+        groups: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
+                                                "scheduler": {}, "parallel": {}}
+        owners = {name: group for group, struct in _GROUPS.items()
+                  for name in struct.__struct_fields__}
+        for key, value in kwargs.items():
+            if key not in owners:
+                raise TypeError(f"unknown engine argument {key!r}")
+            if value is not None:
+                groups[owners[key]][key] = value
+        cfg = cls(model=ModelConfig(**groups["model"]), cache=CacheConfig(**groups["cache"]),
+                  scheduler=SchedulerConfig(**groups["scheduler"]),
+                  parallel=ParallelConfig(**groups["parallel"]))
+        return cfg.resolved()
+
+    def resolved(self) -> EngineConfig:
+        """Fill derived model fields from the checkpoint files, then validate."""
+        info = read_checkpoint_info(self.model.model)
+        max_len = self.model.max_model_len or info["max_position_embeddings"]
+        if max_len > info["max_position_embeddings"]:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's "
+                             f"max_position_embeddings={info['max_position_embeddings']}")
+        model = msgspec.structs.replace(
+            self.model, max_model_len=max_len, architecture=info["architecture"],
+            vocab_size=info["vocab_size"], eos_token_ids=info["eos_token_ids"])
+        cfg = msgspec.structs.replace(self, model=model)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        s, c = self.scheduler, self.cache
+        if s.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if s.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if not s.enable_chunked_prefill and s.max_num_batched_tokens < self.model.max_model_len:
+            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= "
+                             f"max_model_len ({self.model.max_model_len})")
+        if c.block_size < 1 or c.block_size & (c.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {c.block_size}")
+        if not 0.0 < c.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.parallel.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+
+    def to_json(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> EngineConfig:
+        return msgspec.json.decode(text, type=cls)
+
+
+_GROUPS: dict[str, type[msgspec.Struct]] = {
+    "model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+}
+
+
+def read_checkpoint_info(model_dir: str) -> dict:
+    """Architecture, vocab size, context length and EOS ids from an HF checkpoint directory."""
+    path = Path(model_dir)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model {model_dir!r}: no config.json (expected an HF checkpoint "
+                                "directory)")
+    hf = json.loads(cfg_file.read_text())
+    text_cfg = hf.get("text_config", hf)
+    eos: list[int] = []
+    for source in (path / "generation_config.json", cfg_file):
+        if source.is_file():
+            value = json.loads(source.read_text()).get("eos_token_id")
+            if value is not None:
+                eos = [value] if isinstance(value, int) else list(value)
+                break
+    return {
+        "architecture": (hf.get("architectures") or [""])[0],
+        "vocab_size": int(text_cfg["vocab_size"]),
+        "max_position_embeddings": int(text_cfg.get("max_position_embeddings", 2048)),
+        "eos_token_ids": eos,
+    }
+
+
+class Env:
+    """Every environment variable the engine reads, read here and nowhere else."""
+
+    # Seconds without a heartbeat before a peer process counts as dead.
+    PEER_TIMEOUT_S = float(os.environ.get("TLS_PEER_TIMEOUT_S", "5"))
+    # Directory where the demo checkpoint is built and cached.
+    CACHE_DIR = os.environ.get("TLS_CACHE_DIR", str(Path.home() / ".cache" / "tinyllm-serve"))
+    # Log level for every process.
+    LOG_LEVEL = os.environ.get("TLS_LOG_LEVEL", "INFO")

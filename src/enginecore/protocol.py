@@ -1,0 +1,202 @@
+"""Every message that crosses a process boundary, as msgspec Structs.
+
+Leaf module: imports only `sampling.params`. Transports:
+
+    frontend --ZMQ PUSH--> engine core      CoreInput    = AddRequest | Abort | Control
+    engine core --ZMQ PUSH--> frontend      EngineOutputs (routed by AddRequest.client_index)
+    engine core --shm broadcast--> workers  WorkerInput  = ExecuteStep | WorkerControl
+    worker rank 0 --shm ring--> engine core WorkerOutput = StepResult | MemoryReport | ControlResult
+
+Tagged unions let each receiver decode straight into the right type and dispatch with `match`.
+Hot-path structs are `array_like` (no field names on the wire) and `gc=False` (no cycles).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from sampling.params import SamplingParams
+
+# ---------------------------------------------------------------- frontend -> engine core
+
+
+class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    client_index: int = 0
+    arrival_time: float = 0.0
+    priority: int = 0  # lower runs first under the "priority" policy
+    cache_salt: str | None = None
+
+
+class Abort(msgspec.Struct, tag="abort", array_like=True, gc=False):
+    request_ids: list[str]
+
+
+class Control(msgspec.Struct, tag="control", array_like=True, omit_defaults=True):
+    """A utility call answered by one `ControlResult` with the same call_id."""
+
+    call_id: int
+    op: str  # one of CONTROL_OPS
+    client_index: int = 0
+
+
+CONTROL_OPS = ("reset_prefix_cache", "get_stats", "ping", "shutdown")
+
+CoreInput = AddRequest | Abort | Control
+
+# ---------------------------------------------------------------- engine core -> frontend
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True, gc=False):
+    """Logprobs for consecutive positions of one request.
+
+    Row i describes one position: `token_ids[i][0]` is the token actually chosen there (sampled or
+    the prompt token), followed by the top-k alternatives; `logprobs[i]` aligns with it and
+    `ranks[i]` is the 1-based rank of the chosen token in the full distribution.
+    """
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]
+
+
+class TokenDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None  # positions 1.. of the prompt, possibly chunked
+    finish_reason: str | None = None  # stop | length | abort | error
+    stop_reason: int | str | None = None  # the stop token id that ended the request
+    num_cached_tokens: int = 0
+
+
+class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of blocks in use
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    prefix_cache_queries: int = 0  # cumulative prompt tokens looked up
+    prefix_cache_hits: int = 0  # cumulative prompt tokens found cached
+    num_preemptions: int = 0  # cumulative
+    step_count: int = 0
+
+
+class ControlResult(msgspec.Struct, tag="control_result", array_like=True, omit_defaults=True):
+    call_id: int
+    ok: bool = True
+    value: int | float | str | None = None
+    error: str | None = None
+
+
+class CoreReady(msgspec.Struct, tag="ready", array_like=True):
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+
+
+class EngineOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_defaults=True, gc=False):
+    outputs: list[TokenDelta] = []
+    stats: SchedulerStats | None = None
+    control: ControlResult | None = None
+    # Set when the engine is dead (a worker died, ...): every pending request fails with it.
+    engine_error: str | None = None
+    timestamp: float = 0.0
+
+
+CoreOutput = EngineOutputs | CoreReady
+
+# ---------------------------------------------------------------- engine core -> workers
+
+
+class NewReq(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A request the workers have not seen yet (or are seeing again after preemption)."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    # Tokens already generated: non-empty only when resuming after preemption by recompute.
+    output_token_ids: list[int] = []
+
+
+class CachedReqs(msgspec.Struct, array_like=True, gc=False):
+    """Requests the workers already hold, as parallel lists (deltas only)."""
+
+    req_ids: list[str] = []
+    new_block_ids: list[list[int]] = []  # appended to the request's block table
+    num_computed_tokens: list[int] = []
+
+
+class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
+    """One scheduler step. Workers compute `num_scheduled_tokens[req_id]` tokens per request
+    starting at its num_computed_tokens, and sample one token for every request whose scheduled
+    tokens reach the end of its known tokens (partial prefill chunks do not sample)."""
+
+    step_id: int
+    new: list[NewReq]
+    cached: CachedReqs
+    num_scheduled_tokens: dict[str, int]
+    # Requests to forget before this step runs: finished, aborted or preempted.
+    finished: list[str] = []
+
+
+class InitKVCache(msgspec.Struct, tag="init_kv", array_like=True):
+    call_id: int
+    num_blocks: int
+
+
+class ProfileMemory(msgspec.Struct, tag="profile", array_like=True):
+    call_id: int
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    call_id: int
+
+
+WorkerControl = InitKVCache | ProfileMemory | Shutdown
+WorkerInput = ExecuteStep | InitKVCache | ProfileMemory | Shutdown
+
+# ---------------------------------------------------------------- workers -> engine core
+
+
+class StepResult(msgspec.Struct, tag="step", array_like=True, omit_defaults=True, gc=False):
+    step_id: int
+    req_ids: list[str]  # requests that sampled a token this step, in batch order
+    sampled: list[int]  # one token per entry of req_ids
+    logprobs: list[TokenLogprobs | None] | None = None  # aligned with req_ids when any asked
+    prompt_logprobs: dict[str, TokenLogprobs] | None = None
+    num_nans: int = 0
+
+
+class MemoryReport(msgspec.Struct, tag="memory", array_like=True):
+    call_id: int
+    available_bytes: int  # memory the KV cache may take on this rank
+    bytes_per_block: int
+
+
+class WorkerError(msgspec.Struct, tag="worker_error", array_like=True):
+    """A worker failed a step; the engine reports it and shuts down."""
+
+    message: str
+
+
+WorkerOutput = StepResult | MemoryReport | ControlResult | WorkerError
+
+# ---------------------------------------------------------------- codecs
+
+core_input_decoder = msgspec.msgpack.Decoder(CoreInput)
+core_output_decoder = msgspec.msgpack.Decoder(CoreOutput)
+worker_input_decoder = msgspec.msgpack.Decoder(WorkerInput)
+worker_output_decoder = msgspec.msgpack.Decoder(WorkerOutput)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+_encoder = msgspec.msgpack.Encoder()
