@@ -92,6 +92,7 @@ class ControlResult(msgspec.Struct, tag="control_result", array_like=True, omit_
 
 
 class CoreReady(msgspec.Struct, tag="ready", array_like=True):
+    engine_pid: int  # clients watch this pid to notice a dead engine core
     num_blocks: int
     block_size: int
     max_model_len: int

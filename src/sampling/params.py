@@ -57,7 +57,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first invalid field."""
         _check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
-        _check(self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}")
+        _check(self.temperature >= 0.0, "temperature",
+               f"must be non-negative, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "top_k", f"must be -1 (disable) or positive, got {self.top_k}")
         _check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")

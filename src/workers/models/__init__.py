@@ -1,0 +1,85 @@
+"""Model registry (HF architecture name -> class, imported lazily) and `load_model`.
+
+config.json is read with `json`, not transformers: importing transformers costs seconds that every
+worker start would pay for nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from workers.loader import load_weights
+
+# architecture -> (module, class name); a module is imported only when its model is used.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("workers.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("workers.models.llama", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("workers.models.llama", "Qwen3ForCausalLM"),
+}
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def supported_architectures() -> list[str]:
+    """Architecture names `load_model` accepts."""
+    return sorted(_REGISTRY)
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    """The model class registered for an HF architecture name."""
+    if architecture not in _REGISTRY:
+        raise ValueError(f"unsupported architecture {architecture!r}; supported: "
+                         f"{', '.join(supported_architectures())}")
+    module, name = _REGISTRY[architecture]
+    return getattr(importlib.import_module(module), name)
+
+
+def read_hf_config(model_dir: str | Path) -> dict:
+    """config.json as a dict (the text config, for multimodal-style nesting)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    text = cfg.get("text_config")
+    return {**cfg, **text} if text else cfg
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device | str,
+                  hf_config: dict | None = None) -> torch.dtype:
+    """A torch dtype from a name; "auto": fp32 on CPU, else the checkpoint's half type or bf16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    saved = (hf_config or {}).get("dtype") or (hf_config or {}).get("torch_dtype")
+    return _DTYPES[saved] if saved in ("float16", "bfloat16") else torch.bfloat16
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
+               device: torch.device | str = "cpu") -> nn.Module:
+    """Build the checkpoint's model on `device` in `dtype`, load its weights, set eval mode."""
+    hf_config = read_hf_config(model_dir)
+    architecture = (hf_config.get("architectures") or [""])[0]
+    cls = model_class(architecture)
+    dtype = resolve_dtype(dtype, device, hf_config)
+    with torch.device(device), _default_dtype(dtype):
+        model = cls(hf_config)
+    load_weights(model, model_dir)
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Parameters are created as torch.empty(...) and take the default dtype.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

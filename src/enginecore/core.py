@@ -1,0 +1,215 @@
+"""`EngineCore`: the busy loop that owns the scheduler and drives the workers.
+
+One process per data-parallel rank. Two I/O threads keep socket work (msgpack decode/encode,
+ZMQ) off the loop:
+
+    input thread:  ZMQ PULL (bound) --decode--> input_queue
+    busy loop:     input_queue -> Scheduler.add/abort -> schedule() -> Executor.execute()
+                   -> Scheduler.update() -> output_queue
+    output thread: output_queue --encode--> one ZMQ PUSH per client (routed by client_index)
+
+The loop blocks on the input queue only when no request is unfinished, so an idle engine costs no
+CPU and a busy one never waits on a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+
+import zmq
+
+from enginecore.config import EngineConfig
+from enginecore.executor import EngineDeadError, Executor
+from enginecore.protocol import (
+    Abort,
+    AddRequest,
+    Control,
+    ControlResult,
+    CoreReady,
+    EngineOutputs,
+    TokenDelta,
+    core_input_decoder,
+    encode,
+)
+from enginecore.scheduler import Scheduler
+
+logger = logging.getLogger("enginecore")
+
+_IDLE_POLL_S = 0.5  # how often an idle loop checks its parent and workers
+
+
+class EngineCore:
+    """Scheduler + executor; no sockets (the offline tests drive it directly)."""
+
+    def __init__(self, config: EngineConfig, executor: Executor):
+        self.config = config
+        self.executor = executor
+        report = executor.profile_memory()
+        num_blocks = config.cache.num_gpu_blocks_override
+        if num_blocks is None:
+            num_blocks = report.available_bytes // report.bytes_per_block
+        if num_blocks < 2:
+            raise ValueError(f"not enough memory for the KV cache: {num_blocks} blocks of "
+                             f"{report.bytes_per_block} bytes fit")
+        executor.init_kv_cache(num_blocks)
+        self.num_blocks = num_blocks
+        self.scheduler = Scheduler(config, num_blocks)
+        logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
+
+    def add_request(self, req: AddRequest) -> list[TokenDelta]:
+        refused = self.scheduler.add_request(req)
+        return [refused] if refused is not None else []
+
+    def abort(self, request_ids: list[str]) -> list[TokenDelta]:
+        return self.scheduler.abort_requests(request_ids)
+
+    def step(self) -> list[TokenDelta]:
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        result = self.executor.execute(step)
+        return self.scheduler.update(step, result)
+
+
+class EngineCoreProc:
+    """The engine-core process: sockets, I/O threads and the busy loop around `EngineCore`."""
+
+    def __init__(self, config: EngineConfig, input_addr: str, output_addrs: list[str]):
+        self.ctx = zmq.Context()
+        self.input_queue: queue.Queue = queue.Queue()
+        self.output_queue: queue.Queue = queue.Queue()
+        self.parent_pid = os.getppid()
+        self.stopping = False
+        self.client_of: dict[str, int] = {}  # request_id -> client_index
+        self.num_clients = len(output_addrs)
+        threading.Thread(target=self._input_thread, args=(input_addr,), daemon=True).start()
+        self.output_thread = threading.Thread(target=self._output_thread, args=(output_addrs,),
+                                              daemon=True)
+        self.output_thread.start()
+        self.executor = Executor(config)
+        try:
+            self.core = EngineCore(config, self.executor)
+        except Exception:
+            self.executor.shutdown()
+            raise
+        ready = CoreReady(engine_pid=os.getpid(), num_blocks=self.core.num_blocks,
+                          block_size=config.cache.block_size,
+                          max_model_len=config.model.max_model_len,
+                          vocab_size=config.model.vocab_size)
+        for client in range(self.num_clients):
+            self.output_queue.put((client, ready))
+
+    # ------------------------------------------------------------ I/O threads
+
+    def _input_thread(self, addr: str) -> None:
+        sock = self.ctx.socket(zmq.PULL)
+        sock.bind(addr)
+        while True:
+            raw = sock.recv(copy=False)
+            try:
+                self.input_queue.put(core_input_decoder.decode(raw.buffer))
+            except Exception as exc:  # a malformed message must not take the engine down
+                logger.error("dropping undecodable input: %s", exc)
+
+    def _output_thread(self, addrs: list[str]) -> None:
+        socks = []
+        for addr in addrs:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.bind(addr)
+            socks.append(sock)
+        while True:
+            client, msg = self.output_queue.get()
+            if msg is None:
+                for sock in socks:
+                    sock.close(linger=1000)  # flush what is queued before the process exits
+                return
+            socks[client].send(encode(msg), copy=False)
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        last_check = time.monotonic()
+        try:
+            while not self.stopping:
+                busy = self.core.scheduler.has_unfinished_requests()
+                self._process_inputs(block=not busy)
+                if self.core.scheduler.has_unfinished_requests():
+                    self._emit(self.core.step())
+                if time.monotonic() - last_check > _IDLE_POLL_S:
+                    last_check = time.monotonic()
+                    if os.getppid() != self.parent_pid:
+                        logger.error("parent process died; shutting down")
+                        break
+                    self.executor.check_alive()
+        except EngineDeadError as exc:
+            logger.error("engine dead: %s", exc)
+            self._broadcast(EngineOutputs(engine_error=f"engine dead: {exc}",
+                                          timestamp=time.time()))
+            self._shutdown()
+            raise SystemExit(1) from None
+        self._shutdown()
+
+    def _process_inputs(self, block: bool) -> None:
+        try:
+            msg = self.input_queue.get(timeout=_IDLE_POLL_S) if block else \
+                self.input_queue.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(msg)
+            try:
+                msg = self.input_queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, msg) -> None:
+        match msg:
+            case AddRequest():
+                self.client_of[msg.request_id] = msg.client_index
+                self._emit(self.core.add_request(msg))
+            case Abort(request_ids=ids):
+                self._emit(self.core.abort(ids))
+            case Control():
+                self._control(msg)
+
+    def _control(self, msg: Control) -> None:
+        result = ControlResult(call_id=msg.call_id)
+        if msg.op == "reset_prefix_cache":
+            result.value = int(self.core.scheduler.reset_prefix_cache())
+        elif msg.op == "shutdown":
+            self.stopping = True
+        elif msg.op not in ("get_stats", "ping"):
+            result = ControlResult(call_id=msg.call_id, ok=False, error=f"unknown op {msg.op!r}")
+        out = EngineOutputs(control=result, stats=self.core.scheduler.stats(),
+                            timestamp=time.time())
+        self.output_queue.put((msg.client_index, out))
+
+    def _emit(self, deltas: list[TokenDelta]) -> None:
+        """Route deltas to the clients that own them; every client also gets fresh stats."""
+        if not deltas:
+            return
+        per_client: dict[int, list[TokenDelta]] = {}
+        for delta in deltas:
+            client = self.client_of.get(delta.request_id, 0)
+            if delta.finish_reason is not None:
+                self.client_of.pop(delta.request_id, None)
+            per_client.setdefault(client, []).append(delta)
+        stats = self.core.scheduler.stats()
+        now = time.time()
+        for client, outs in per_client.items():
+            self.output_queue.put((client, EngineOutputs(outputs=outs, stats=stats,
+                                                         timestamp=now)))
+
+    def _broadcast(self, msg: EngineOutputs) -> None:
+        for client in range(self.num_clients):
+            self.output_queue.put((client, msg))
+
+    def _shutdown(self) -> None:
+        self.executor.shutdown()
+        self.output_queue.put((0, None))
+        self.output_thread.join(timeout=2.0)

@@ -1,0 +1,145 @@
+"""`Executor`: the engine core's handle on its worker processes.
+
+Starts one `python -m workers` process per rank, broadcasts `WorkerInput` to all of them through
+a shared-memory ring and reads rank 0's `WorkerOutput` from a second ring. Every wait also polls
+the worker processes, so a dead worker surfaces as `EngineDeadError` within a fraction of a
+second instead of a hang.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+from enginecore.config import EngineConfig, Env
+from enginecore.protocol import (
+    ControlResult,
+    ExecuteStep,
+    InitKVCache,
+    MemoryReport,
+    ProfileMemory,
+    Shutdown,
+    StepResult,
+    WorkerError,
+    encode,
+    worker_output_decoder,
+)
+from shm import BroadcastQueue, PeerGoneError
+
+_STARTUP_TIMEOUT_S = 600.0  # loading a large checkpoint can take minutes
+
+
+class EngineDeadError(RuntimeError):
+    """A worker died or failed; the engine cannot continue."""
+
+
+class Executor:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.world_size = config.parallel.tensor_parallel_size
+        tag = uuid.uuid4().hex[:12]
+        self.bcast = BroadcastQueue.create(num_readers=self.world_size)
+        self.response_name = f"tls_resp_{tag}"
+        self.procs = [self._spawn(rank) for rank in range(self.world_size)]
+        self.resp = self._attach_response()
+        self._call_ids = itertools.count()
+
+    def _spawn(self, rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "workers", "--rank", str(rank),
+               "--config", self.config.to_json(), "--broadcast", self.bcast.name,
+               "--response", self.response_name]
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+    def _attach_response(self) -> BroadcastQueue:
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+        while True:
+            try:
+                return BroadcastQueue.attach(self.response_name, reader_rank=0)
+            except (FileNotFoundError, ValueError):
+                # Not created yet, or created but its header not yet written (ValueError).
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise EngineDeadError("workers did not start in time") from None
+                time.sleep(0.01)
+
+    # ------------------------------------------------------------ liveness
+
+    def dead_worker(self) -> str | None:
+        for rank, proc in enumerate(self.procs):
+            code = proc.poll()
+            if code is not None:
+                return f"worker {rank} (pid {proc.pid}) exited with code {code}"
+        return None
+
+    def check_alive(self) -> None:
+        if (why := self.dead_worker()) is not None:
+            raise EngineDeadError(why)
+
+    # ------------------------------------------------------------ calls
+
+    def _send(self, msg) -> None:
+        try:
+            self.bcast.put(encode(msg), should_abort=lambda: self.dead_worker() is not None)
+        except PeerGoneError:
+            self.check_alive()
+            raise
+
+    def _recv(self, timeout: float | None = None):
+        try:
+            raw = self.resp.get(timeout=timeout,
+                                should_abort=lambda: self.dead_worker() is not None)
+        except PeerGoneError:
+            self.check_alive()
+            raise
+        msg = worker_output_decoder.decode(raw)
+        if isinstance(msg, WorkerError):
+            raise EngineDeadError(msg.message)
+        return msg
+
+    def execute(self, step: ExecuteStep) -> StepResult:
+        self._send(step)
+        result = self._recv()
+        assert isinstance(result, StepResult) and result.step_id == step.step_id
+        return result
+
+    def profile_memory(self) -> MemoryReport:
+        self._send(ProfileMemory(call_id=next(self._call_ids)))
+        report = self._recv(timeout=_STARTUP_TIMEOUT_S)
+        assert isinstance(report, MemoryReport)
+        return report
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self._send(InitKVCache(call_id=next(self._call_ids), num_blocks=num_blocks))
+        assert isinstance(self._recv(timeout=_STARTUP_TIMEOUT_S), ControlResult)
+
+    def shutdown(self) -> None:
+        """Ask workers to exit; kill the ones that do not within the peer timeout."""
+        if self.dead_worker() is None:
+            try:
+                self._send(Shutdown(call_id=next(self._call_ids)))
+                self._recv(timeout=Env.PEER_TIMEOUT_S)
+            except (EngineDeadError, PeerGoneError, TimeoutError):
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=Env.PEER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.bcast.close()
+        self.bcast.unlink()
+        self.resp.close()
+        _unlink_quietly(self.response_name)
+
+
+def _unlink_quietly(name: str) -> None:
+    """Remove a segment a crashed worker could not unlink itself."""
+    path = os.path.join("/dev/shm", name.lstrip("/"))
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

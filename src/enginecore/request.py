@@ -1,0 +1,133 @@
+"""`Request`: the engine core's view of one generation request.
+
+The scheduler's only invariant lives here: `num_computed_tokens` (tokens whose KV is in the cache)
+chases `num_tokens` (prompt + output). A prefix-cache hit starts it at the cached length;
+preemption by recompute resets it to 0; each step adds what was scheduled.
+
+    all_token_ids:  [ prompt ........................ | output ....... ]
+                      ^0          num_computed_tokens ^              ^ num_tokens
+"""
+
+from __future__ import annotations
+
+import enum
+
+from enginecore.protocol import AddRequest
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # waiting again, blocks freed, outputs kept
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+
+# TokenDelta.finish_reason -> status.
+_FINISHED_STATUS = {
+    "stop": RequestStatus.FINISHED_STOPPED,
+    "length": RequestStatus.FINISHED_LENGTH,
+    "abort": RequestStatus.FINISHED_ABORTED,
+    "error": RequestStatus.FINISHED_ERROR,
+}
+
+
+class Request:
+    """One request's tokens, progress, status and prefix-cache block hashes."""
+
+    __slots__ = (
+        "request_id", "client_index", "prompt_token_ids", "output_token_ids", "all_token_ids",
+        "sampling", "priority", "arrival_time", "cache_salt", "status", "num_computed_tokens",
+        "num_cached_tokens", "block_hashes", "num_prompt_logprobs_sent", "finish_reason",
+        "stop_reason",
+    )
+
+    def __init__(self, add: AddRequest) -> None:
+        self.request_id = add.request_id
+        self.client_index = add.client_index
+        self.prompt_token_ids = add.prompt_token_ids
+        self.output_token_ids: list[int] = []
+        # prompt + output in one list: block hashing and worker resumes slice it without copying
+        # both halves every step.
+        self.all_token_ids = list(add.prompt_token_ids)
+        self.sampling = add.sampling
+        self.priority = add.priority
+        self.arrival_time = add.arrival_time
+        self.cache_salt = add.cache_salt
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prefix-cache hit length at the first schedule
+        # Chained hash of each full block of all_token_ids, filled lazily by KVCacheManager.
+        self.block_hashes: list[bytes] = []
+        # Prompt-logprob rows already reported (row i = prompt position i + 1); a request that is
+        # preempted and recomputed must not report them twice.
+        self.num_prompt_logprobs_sent = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def append_output(self, token_id: int) -> None:
+        """Record one sampled token."""
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def block_extra_keys(self, block_index: int) -> tuple[str | int, ...]:
+        """Keys mixed into block `block_index`'s prefix-cache hash besides its tokens."""
+        # The salt enters block 0 only: hashes are chained, so it reaches every later block, and
+        # two different salts never share a single block. LoRA ids and multimodal content hashes
+        # (for blocks overlapping an item) belong here too.
+        if block_index == 0 and self.cache_salt is not None:
+            return (self.cache_salt,)
+        return ()
+
+    def check_stop(self, eos_token_ids: frozenset[int] | set[int],
+                   max_model_len: int) -> tuple[str, int | None] | None:
+        """(finish_reason, stop_reason) if the last sampled token ends the request, else None."""
+        sp = self.sampling
+        num_output = len(self.output_token_ids)
+        if num_output >= sp.min_tokens:
+            last = self.output_token_ids[-1]
+            if not sp.ignore_eos and last in eos_token_ids:
+                return "stop", None
+            if last in sp.stop_token_ids:
+                return "stop", last
+        if sp.max_tokens is not None and num_output >= sp.max_tokens:
+            return "length", None
+        if self.num_tokens >= max_model_len:
+            return "length", None
+        return None
+
+    def start_running(self, num_hit_tokens: int) -> None:
+        """Admit from waiting with `num_hit_tokens` already in the prefix cache."""
+        if self.status is RequestStatus.WAITING:  # resumed requests keep their first hit length
+            self.num_cached_tokens = num_hit_tokens
+        self.num_computed_tokens = num_hit_tokens
+        self.status = RequestStatus.RUNNING
+
+    def preempt(self) -> None:
+        """Back to waiting: its KV is gone, so everything is recomputed on resume."""
+        self.status = RequestStatus.PREEMPTED
+        self.num_computed_tokens = 0
+
+    def finish(self, finish_reason: str, stop_reason: int | None = None) -> None:
+        """Mark finished with a TokenDelta finish_reason (stop | length | abort | error)."""
+        self.status = _FINISHED_STATUS[finish_reason]
+        self.finish_reason = finish_reason
+        self.stop_reason = stop_reason
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, {self.status.name}, "
+                f"computed={self.num_computed_tokens}/{self.num_tokens})")

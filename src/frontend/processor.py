@@ -1,0 +1,73 @@
+"""`Processor`: prompt in, validated `AddRequest` out (tokenization and parameter checks).
+
+Everything that can be rejected is rejected here, in the API process, with a ValueError naming
+the field, so bad input never reaches the engine core.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from enginecore.config import EngineConfig
+from enginecore.protocol import AddRequest
+from frontend.tokenizer import Tokenizer
+from sampling.params import SamplingParams
+
+# A prompt as users pass it: text, token ids, or vLLM's TextPrompt / TokensPrompt dicts.
+PromptType = str | list[int] | dict[str, Any]
+
+
+class Processor:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vocab_size = config.model.vocab_size
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Return (prompt text if any, prompt token ids)."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+
+    def make_request(self, request_id: str, prompt_token_ids: list[int],
+                     params: SamplingParams, *, client_index: int = 0, priority: int = 0,
+                     cache_salt: str | None = None) -> AddRequest:
+        """Validate and build the engine request; `params.n` must already be 1."""
+        max_len = self.config.model.max_model_len
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        if len(prompt_token_ids) >= max_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the model's "
+                             f"max_model_len is {max_len} (prompt plus at least one new token)")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids contains id {bad[0]} outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        params.validate(self.vocab_size)
+        if params.bad_words and params.bad_words_token_ids is None:
+            params = msgspec.structs.replace(
+                params, bad_words_token_ids=self._bad_words_ids(params.bad_words))
+        return AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                          sampling=params, client_index=client_index, arrival_time=time.time(),
+                          priority=priority, cache_salt=cache_salt)
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word as it tokenizes alone and after a space (both forms can be generated)."""
+        out: list[list[int]] = []
+        for word in words:
+            for form in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(form, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out

@@ -1,0 +1,97 @@
+"""Fill a model's parameters from an HF safetensors checkpoint (single file or sharded + index).
+
+Each checkpoint tensor goes through its parameter's `weight_loader`. Names of packed projections
+are rewritten with the model's `packed_modules_mapping` (e.g. `...self_attn.k_proj.weight` ->
+`...self_attn.qkv_proj.weight`, shard "k"). Every parameter (every shard of a packed one) must be
+loaded exactly once, and every checkpoint tensor must land somewhere: a mismatch means the wrong
+architecture or a broken checkpoint, and fails loudly here rather than as garbage tokens later.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index when there is one."""
+    path = Path(model_dir)
+    index = path / INDEX_FILE
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / name for name in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {str(path)!r}")
+    return files
+
+
+def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint, one file open at a time."""
+    for file in checkpoint_files(model_dir):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Copy every checkpoint tensor into `model`; raise on a missing or unexpected tensor."""
+    mapping: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    ignored: set[str] = getattr(model, "ignored_weights", set())
+    params = dict(model.named_parameters())
+    expected = _expected_shards(params, mapping)
+    loaded: dict[str, set[object]] = {name: set() for name in params}
+    for ckpt_name, tensor in iter_checkpoint(model_dir):
+        if ckpt_name.endswith("rotary_emb.inv_freq") or ckpt_name in ignored:
+            continue  # recomputed by the model / a duplicate of a tied weight
+        name, shard = _target(ckpt_name, mapping)
+        if name not in params:
+            raise KeyError(f"unexpected tensor {ckpt_name!r} in checkpoint {str(model_dir)!r}")
+        if shard in loaded[name]:
+            raise KeyError(f"tensor {ckpt_name!r} appears twice in the checkpoint")
+        param = params[name]
+        try:
+            if shard is None:
+                param.weight_loader(param, tensor)
+            else:
+                param.weight_loader(param, tensor, shard)
+        except ValueError as e:
+            raise ValueError(f"cannot load {ckpt_name!r}: {e}") from e
+        loaded[name].add(shard)
+    missing = [f"{name} {sorted(map(str, expected[name] - got))}" if expected[name] != {None}
+               else name for name, got in loaded.items() if got != expected[name]]
+    if missing:
+        raise KeyError(f"checkpoint {str(model_dir)!r} is missing tensors for: "
+                       + ", ".join(missing))
+
+
+def _target(ckpt_name: str, mapping: dict[str, tuple[str, object]]) -> tuple[str, object]:
+    # "model.layers.0.self_attn.k_proj.weight" -> ("model.layers.0.self_attn.qkv_proj.weight", "k")
+    parts = ckpt_name.split(".")
+    for i, part in enumerate(parts):
+        if part in mapping:
+            packed, shard = mapping[part]
+            return ".".join([*parts[:i], packed, *parts[i + 1:]]), shard
+    return ckpt_name, None
+
+
+def _expected_shards(params: dict[str, nn.Parameter],
+                     mapping: dict[str, tuple[str, object]]) -> dict[str, set[object]]:
+    # A packed parameter needs every shard its mapping names; any other parameter needs `None`.
+    shards_of: dict[str, set[object]] = {}
+    for packed, shard in mapping.values():
+        shards_of.setdefault(packed, set()).add(shard)
+    expected = {}
+    for name in params:
+        parts = name.split(".")
+        packed = next((p for p in parts if p in shards_of), None)
+        expected[name] = shards_of[packed] if packed is not None else {None}
+    return expected

@@ -1,0 +1,232 @@
+"""The Llama decoder family: Llama, Qwen2 and Qwen3 as one model with flags.
+
+The three differ only in small switches, read once in `DecoderArgs`:
+    Llama  `attention_bias` on q/k/v/o, `mlp_bias`, optional "llama3" rope scaling
+    Qwen2  bias on q/k/v always, none on o
+    Qwen3  RMSNorm over each head of q and k before rope (`q_norm`/`k_norm`), explicit head_dim
+
+Module and parameter names mirror the HF checkpoints, except for the packed projections
+(q/k/v -> qkv_proj, gate/up -> gate_up_proj) that `packed_modules_mapping` tells the loader about.
+
+The model runs on a flat batch: all sequences' new tokens concatenated, no padding; attention finds
+each sequence's boundaries and KV blocks in the forward context (`workers.attention`).
+
+Dimension legend:
+    T tokens in the step, N tokens whose logits are wanted
+    H hidden size, I intermediate size, V vocab size
+    Hq query heads, Hkv key/value heads, D head dim
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workers.attention import Attention
+from workers.layers import (
+    Linear,
+    LMHead,
+    MergedLinear,
+    QKVLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    SiluAndMul,
+    VocabEmbedding,
+    apply_rotary,
+    rope_parameters,
+)
+
+
+@dataclass(frozen=True)
+class DecoderArgs:
+    """The few numbers and switches of config.json that shape the model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position: int
+    rope: dict
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict, *, always_qkv_bias: bool, qk_norm: bool) -> DecoderArgs:
+        """Read a config.json dict (transformers v5 or legacy spelling)."""
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act {cfg['hidden_act']!r} is not supported")
+        num_heads = cfg["num_attention_heads"]
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position=cfg.get("max_position_embeddings", 2048),
+            rope=rope_parameters(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=always_qkv_bias or attention_bias,
+            o_bias=attention_bias and not always_qkv_bias,  # Qwen2: never on o_proj
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=qk_norm,
+        )
+
+
+class DecoderAttention(nn.Module):
+    """qkv projection, optional per-head q/k norm, rotary, paged attention, output projection."""
+
+    def __init__(self, args: DecoderArgs) -> None:
+        super().__init__()
+        d = args.head_dim
+        self.q_size, self.kv_size = args.num_heads * d, args.num_kv_heads * d
+        self.head_dim = d
+        self.qkv_proj = QKVLinear(args.hidden_size, d, args.num_heads, args.num_kv_heads,
+                                  bias=args.qkv_bias)
+        self.o_proj = Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(d, args.rms_norm_eps)
+            self.k_norm = RMSNorm(d, args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
+        self.attn = Attention(args.num_heads, args.num_kv_heads, d, scale=d**-0.5)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] -> [T, H]."""
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(num_tokens, -1, self.head_dim)  # [T, Hq, D]
+        k = k.reshape(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v)
+        return self.o_proj(out)
+
+
+class DecoderMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up as one matmul."""
+
+    def __init__(self, args: DecoderArgs) -> None:
+        super().__init__()
+        size = args.intermediate_size
+        self.gate_up_proj = MergedLinear(args.hidden_size, [size, size], bias=args.mlp_bias)
+        self.down_proj = Linear(size, args.hidden_size, bias=args.mlp_bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention block and MLP block; the residual stream travels alongside."""
+
+    def __init__(self, args: DecoderArgs) -> None:
+        super().__init__()
+        self.self_attn = DecoderAttention(args)
+        self.mlp = DecoderMLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block output, residual before it) -> the same pair for the next layer."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, args: DecoderArgs) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # One table shared by all layers: cos/sin are looked up once per step.
+        self.rotary_emb = RotaryEmbedding(args.head_dim, args.max_position, args.rope)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-style causal LM over a flat token batch and a paged KV cache."""
+
+    # checkpoint module name -> (our packed module name, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    always_qkv_bias = False
+    qk_norm = False
+
+    def __init__(self, hf_config: dict) -> None:
+        super().__init__()
+        self.args = DecoderArgs.from_hf(hf_config, always_qkv_bias=self.always_qkv_bias,
+                                        qk_norm=self.qk_norm)
+        self.model = DecoderModel(self.args)
+        tied = self.model.embed_tokens if self.args.tie_word_embeddings else None
+        self.lm_head = LMHead(self.args.vocab_size, self.args.hidden_size, tied_to=tied)
+        # Some tied checkpoints still store lm_head.weight; it duplicates the embedding.
+        self.ignored_weights = {"lm_head.weight"} if tied is not None else set()
+
+    @property
+    def num_layers(self) -> int:
+        return self.args.num_layers
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [T] int64 -> hidden [T, H]; needs a forward context."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> fp32 logits [N, V]."""
+        return self.lm_head(hidden)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """Shape of one layer's KV cache tensor."""
+        return (2, num_blocks, block_size, self.args.num_kv_heads, self.args.head_dim)
+
+    def bind_kv_cache(self, kv_caches: list[torch.Tensor]) -> None:
+        """Give layer i the cache tensor kv_caches[i] (shape `kv_cache_shape`)."""
+        assert len(kv_caches) == self.num_layers
+        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+            assert cache.shape[0] == 2 and cache.shape[3:] == self.kv_cache_shape(1, 1)[3:]
+            layer.self_attn.attn.kv_cache = cache
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: Llama with a bias on the q/k/v projections."""
+
+    always_qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: Llama with per-head RMSNorm on q and k."""
+
+    qk_norm = True

@@ -1,0 +1,220 @@
+"""`ModelRunner`: turns one `ExecuteStep` into a forward pass, samples, returns a `StepResult`.
+
+The runner keeps its own copy of every live request (`CachedRequestState`): the scheduler sends a
+request in full once (`NewReq`), then only deltas (`CachedReqs`: new block ids and
+num_computed_tokens).
+Sampled tokens are appended here as well as in the scheduler, so both sides stay in sync without
+resending token lists.
+
+Dimension legend: T = tokens scheduled this step (all requests, flattened), B = requests in the
+step, N = rows that sample this step, V = vocab size, K = logprobs asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from enginecore.config import EngineConfig
+from enginecore.protocol import ExecuteStep, NewReq, StepResult, TokenLogprobs
+from sampling.params import SamplingParams
+from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
+from workers.attention import AttnMetadata, set_forward_context
+from workers.models import load_model
+
+_MASK63 = (1 << 63) - 1
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    output_token_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttnMetadata
+    sample_rows: list[int]  # for each sampling request, its last token's index in [0, T)
+    sample_reqs: list[CachedRequestState]
+    # Prompt-logprob requests: (state, first token index in T, first position, count of rows)
+    prompt_lp: list[tuple[CachedRequestState, int, int, int]]
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the per-request state of one worker."""
+
+    def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype):
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.cache.block_size
+        self.model = load_model(config.model.model, dtype, device)
+        self.sampler = Sampler(config.model.vocab_size, config.model.eos_token_ids)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------ KV cache
+
+    def bytes_per_block(self) -> int:
+        shape = self.model.kv_cache_shape(1, self.block_size)
+        elems = int(np.prod(shape))
+        return elems * torch.empty((), dtype=self.dtype).element_size() * self.model.num_layers
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        shape = self.model.kv_cache_shape(num_blocks, self.block_size)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.model.num_layers)]
+        self.model.bind_kv_cache(self.kv_caches)
+
+    # ------------------------------------------------------------ step
+
+    @torch.inference_mode()
+    def execute(self, step: ExecuteStep) -> StepResult:
+        self._update_states(step)
+        if not step.num_scheduled_tokens:
+            return StepResult(step_id=step.step_id, req_ids=[], sampled=[])
+        inputs = self._prepare_inputs(step)
+        with set_forward_context(inputs.meta):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        result = StepResult(step_id=step.step_id, req_ids=[], sampled=[])
+        if inputs.prompt_lp:
+            result.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
+        if inputs.sample_reqs:
+            self._sample(hidden, inputs, result)
+        return result
+
+    def _update_states(self, step: ExecuteStep) -> None:
+        for req_id in step.finished:
+            self.requests.pop(req_id, None)
+        for new in step.new:
+            self.requests[new.req_id] = self._new_state(new)
+        cached = step.cached
+        for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
+                                                   cached.num_computed_tokens, strict=True):
+            state = self.requests[req_id]
+            state.block_ids.extend(block_ids)
+            state.num_computed_tokens = num_computed
+
+    def _new_state(self, new: NewReq) -> CachedRequestState:
+        generator = None
+        if new.sampling.seed is not None:
+            generator = torch.Generator(device=self.device)
+        return CachedRequestState(
+            req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
+            sampling=new.sampling, block_ids=list(new.block_ids),
+            num_computed_tokens=new.num_computed_tokens,
+            output_token_ids=list(new.output_token_ids), generator=generator)
+
+    def _prepare_inputs(self, step: ExecuteStep) -> StepInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        sample_reqs: list[CachedRequestState] = []
+        prompt_lp: list[tuple[CachedRequestState, int, int, int]] = []
+        for req_id, n in step.num_scheduled_tokens.items():
+            state = self.requests[req_id]
+            start, end = state.num_computed_tokens, state.num_computed_tokens + n
+            offset = len(ids)
+            ids.extend(state.token_slice(start, end))
+            pos = np.arange(start, end, dtype=np.int64)
+            blocks = np.asarray(state.block_ids, dtype=np.int64)
+            positions.append(pos)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            query_start.append(len(ids))
+            seq_lens.append(end)
+            tables.append(state.block_ids)
+            num_prompt = len(state.prompt_token_ids)
+            if state.sampling.prompt_logprobs is not None and start < num_prompt - 1:
+                # Position p's logits score prompt token p + 1.
+                count = min(end, num_prompt - 1) - start
+                prompt_lp.append((state, offset, start, count))
+            if end == state.num_tokens:
+                sample_rows.append(len(ids) - 1)
+                sample_reqs.append(state)
+        max_blocks = max(len(t) for t in tables)
+        table_arr = np.zeros((len(tables), max_blocks), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table_arr[i, : len(t)] = t
+        dev = self.device
+        qsl = np.asarray(query_start, dtype=np.int32)
+        meta = AttnMetadata(
+            query_start_loc=torch.from_numpy(qsl).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(table_arr).to(dev),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            max_query_len=int(np.diff(qsl).max()),
+            max_seq_len=max(seq_lens),
+        )
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
+            meta=meta, sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp)
+
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
+        reqs = inputs.sample_reqs
+        rows = torch.tensor(inputs.sample_rows, dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32
+        batch = SamplingBatch(
+            params=[r.sampling for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+            generators=[r.generator for r in reqs])
+        for r in reqs:
+            if r.generator is not None:
+                # Re-seed from (seed, output position): seeded output then depends on nothing
+                # else, neither batch neighbours nor preemption and replay.
+                r.generator.manual_seed(hash((r.sampling.seed, len(r.output_token_ids))) & _MASK63)
+        out = self.sampler(logits, batch)
+        sampled = out.sampled.tolist()
+        result.req_ids = [r.req_id for r in reqs]
+        result.sampled = sampled
+        result.num_nans = int(torch.isnan(logits).any(dim=-1).sum())
+        for state, token in zip(reqs, sampled, strict=True):
+            state.output_token_ids.append(token)
+        if out.logprobs is not None:
+            ids, lps = out.logprob_token_ids.tolist(), out.logprobs.tolist()
+            ranks = out.ranks.tolist()
+            result.logprobs = [
+                None if r.sampling.logprobs is None else TokenLogprobs(
+                    token_ids=[ids[i][: r.sampling.logprobs + 1]],
+                    logprobs=[lps[i][: r.sampling.logprobs + 1]], ranks=[ranks[i]])
+                for i, r in enumerate(reqs)]
+
+    def _prompt_logprobs(self, hidden: torch.Tensor,
+                         inputs: StepInputs) -> dict[str, TokenLogprobs]:
+        out: dict[str, TokenLogprobs] = {}
+        for state, offset, start, count in inputs.prompt_lp:
+            if count <= 0:
+                continue
+            logits = self.model.compute_logits(hidden[offset: offset + count])
+            targets = torch.tensor(state.prompt_token_ids[start + 1: start + 1 + count],
+                                   dtype=torch.int64, device=self.device)
+            k = state.sampling.prompt_logprobs or 0
+            ids, lps, ranks = gather_logprobs(torch.log_softmax(logits, dim=-1), targets, k)
+            out[state.req_id] = TokenLogprobs(token_ids=ids.tolist(), logprobs=lps.tolist(),
+                                              ranks=ranks.tolist())
+        return out

@@ -1,0 +1,113 @@
+"""`Worker`: one process per device. Reads `WorkerInput` from the broadcast ring, runs it, and
+(rank 0 only) answers on the response ring.
+
+Lifecycle, driven by the engine core's executor:
+    ProfileMemory -> MemoryReport      how many KV blocks fit
+    InitKVCache   -> ControlResult     allocate and bind the cache
+    ExecuteStep   -> StepResult        every scheduler step
+    Shutdown      -> ControlResult     then exit
+Any exception while handling a message is reported as `WorkerError` before the process exits, so
+the engine core fails loudly instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+
+import torch
+
+from enginecore.config import EngineConfig
+from enginecore.protocol import (
+    ControlResult,
+    ExecuteStep,
+    InitKVCache,
+    MemoryReport,
+    ProfileMemory,
+    Shutdown,
+    WorkerError,
+    encode,
+    worker_input_decoder,
+)
+from shm import BroadcastQueue
+from workers.runner import ModelRunner
+
+logger = logging.getLogger("workers")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CPU_KV_DEFAULT_BYTES = 512 << 20
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    want = config.parallel.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    name = config.model.dtype
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int, parent_pid: int):
+        if config.parallel.tensor_parallel_size != 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet")
+        self.config = config
+        self.rank = rank
+        self.parent_pid = parent_pid
+        torch.manual_seed(config.model.seed)
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
+        self.runner = ModelRunner(config, self.device, self.dtype)
+
+    def parent_gone(self) -> bool:
+        return os.getppid() != self.parent_pid
+
+    def run(self, inq: BroadcastQueue, outq: BroadcastQueue | None) -> None:
+        while True:
+            msg = worker_input_decoder.decode(inq.get(should_abort=self.parent_gone))
+            try:
+                reply = self.handle(msg)
+            except Exception:
+                reply = WorkerError(message=f"worker {self.rank}: {traceback.format_exc()}")
+            if outq is not None:
+                outq.put(encode(reply), should_abort=self.parent_gone)
+            if isinstance(msg, Shutdown) or isinstance(reply, WorkerError):
+                return
+
+    def handle(self, msg):  # -> WorkerOutput
+        match msg:
+            case ExecuteStep():
+                return self.runner.execute(msg)
+            case ProfileMemory(call_id=call_id):
+                return MemoryReport(call_id=call_id, available_bytes=self.available_kv_bytes(),
+                                    bytes_per_block=self.runner.bytes_per_block())
+            case InitKVCache(call_id=call_id, num_blocks=num_blocks):
+                self.runner.init_kv_cache(num_blocks)
+                return ControlResult(call_id=call_id, value=num_blocks)
+            case Shutdown(call_id=call_id):
+                return ControlResult(call_id=call_id)
+        raise TypeError(f"unexpected worker input {type(msg).__name__}")
+
+    def available_kv_bytes(self) -> int:
+        """Bytes the KV cache may use: measured on GPU, configured on CPU."""
+        cache = self.config.cache
+        if cache.kv_cache_memory_bytes is not None:
+            return cache.kv_cache_memory_bytes
+        if self.device.type != "cuda":
+            return _CPU_KV_DEFAULT_BYTES
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        # Leave headroom for activations of the largest step: the runner has not run one yet.
+        activation_reserve = 2 << 30
+        budget = total * cache.gpu_memory_utilization - used_by_others
+        budget -= torch.cuda.memory_reserved(self.device) + activation_reserve
+        return max(int(budget), 0)
