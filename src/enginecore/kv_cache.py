@@ -79,6 +79,7 @@ class BlockPool:
 
     @property
     def num_usable_blocks(self) -> int:
+        """All blocks but the null block."""
         return len(self.blocks) - 1
 
     @property
@@ -122,6 +123,7 @@ class BlockPool:
                 self._link_before(block, self._sentinel)
 
     def lookup(self, block_hash: bytes) -> Block | None:
+        """The cached block with this hash, in use or free, if any."""
         return self.cached.get(block_hash)
 
     def register(self, block: Block, block_hash: bytes) -> None:
@@ -201,13 +203,13 @@ class KVCacheManager:
         """Grow `request`'s block table to hold `num_new_tokens` more; new block ids or None.
 
         Returns None, allocating nothing, when too few blocks are free. `computed_blocks` are the
-        prefix hits from `get_computed_blocks`, passed on the request's first allocation only;
-        they become the head of its table (a reference is taken, no new block).
+        prefix hits from `get_computed_blocks`, passed on the request's first allocation only
+        (before the scheduler moves num_computed_tokens past them); they head its table, shared.
 
-            |<------------ ceil(total / block_size) blocks of the request ------------>|
-            | computed (prefix hit + earlier steps) | new (scheduled now) | lookahead  |
-            [ b0      ][ b1      ][ b2    ..........][ b3      ][ b4 ...][ b5         ]
-                                 num_computed_tokens^      num_new_tokens^  total^
+            tokens | computed: hit + earlier steps | new: scheduled now | lookahead (spec) |
+            blocks [ b0    ][ b1    ][ b2    ][ b3    ][ b4    ][ b5    ][ b6    ]
+                   |<--- held / hit ---------->|<---- taken from the free list now ---->|
+                   ceil((computed + new + lookahead) / block_size) blocks in all
         """
         blocks = self.req_blocks.get(request.request_id, [])
         assert not (blocks and computed_blocks), "prefix hits only on the first allocation"

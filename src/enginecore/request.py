@@ -24,10 +24,6 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ABORTED = 5
     FINISHED_ERROR = 6
 
-    @property
-    def finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
-
 
 # TokenDelta.finish_reason -> status.
 _FINISHED_STATUS = {
@@ -44,8 +40,7 @@ class Request:
     __slots__ = (
         "request_id", "client_index", "prompt_token_ids", "output_token_ids", "all_token_ids",
         "sampling", "priority", "arrival_time", "cache_salt", "status", "num_computed_tokens",
-        "num_cached_tokens", "block_hashes", "num_prompt_logprobs_sent", "finish_reason",
-        "stop_reason",
+        "num_cached_tokens", "block_hashes", "num_prompt_logprobs_sent",
     )
 
     def __init__(self, add: AddRequest) -> None:
@@ -53,8 +48,7 @@ class Request:
         self.client_index = add.client_index
         self.prompt_token_ids = add.prompt_token_ids
         self.output_token_ids: list[int] = []
-        # prompt + output in one list: block hashing and worker resumes slice it without copying
-        # both halves every step.
+        # prompt + output in one list, so block hashing slices any block without joining halves.
         self.all_token_ids = list(add.prompt_token_ids)
         self.sampling = add.sampling
         self.priority = add.priority
@@ -68,16 +62,11 @@ class Request:
         # Prompt-logprob rows already reported (row i = prompt position i + 1); a request that is
         # preempted and recomputed must not report them twice.
         self.num_prompt_logprobs_sent = 0
-        self.finish_reason: str | None = None
-        self.stop_reason: int | None = None
 
     @property
     def num_tokens(self) -> int:
+        """Prompt + output tokens."""
         return len(self.all_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     def append_output(self, token_id: int) -> None:
         """Record one sampled token."""
@@ -122,11 +111,9 @@ class Request:
         self.status = RequestStatus.PREEMPTED
         self.num_computed_tokens = 0
 
-    def finish(self, finish_reason: str, stop_reason: int | None = None) -> None:
+    def finish(self, finish_reason: str) -> None:
         """Mark finished with a TokenDelta finish_reason (stop | length | abort | error)."""
         self.status = _FINISHED_STATUS[finish_reason]
-        self.finish_reason = finish_reason
-        self.stop_reason = stop_reason
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.name}, "

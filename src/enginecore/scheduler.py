@@ -74,7 +74,7 @@ class Scheduler:
 
     def __init__(self, config: EngineConfig, num_blocks: int) -> None:
         self.config = config
-        self.sched = config.scheduler
+        self.sched_config = config.scheduler
         block_size = config.cache.block_size
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         capacity = self.kv.num_total_blocks * block_size
@@ -112,6 +112,7 @@ class Scheduler:
         return deltas
 
     def has_unfinished_requests(self) -> bool:
+        """True while any request is waiting or running."""
         return bool(self.requests)
 
     def reset_prefix_cache(self) -> bool:
@@ -142,7 +143,7 @@ class Scheduler:
     def _enqueue(self, request: Request, front: bool = False) -> None:
         # A list, not a deque: the priority policy inserts by key, and popping the head of even
         # thousands of pointers is a short memmove.
-        if self.sched.policy == "priority":
+        if self.sched_config.policy == "priority":
             insort = bisect.insort_left if front else bisect.insort_right
             insort(self.waiting, request, key=lambda r: (r.priority, r.arrival_time))
         elif front:
@@ -150,13 +151,13 @@ class Scheduler:
         else:
             self.waiting.append(request)
 
-    def _finish(self, request: Request, reason: str, stop_reason: int | None = None) -> None:
+    def _finish(self, request: Request, reason: str) -> None:
         if request.status is _RUNNING:
             self.running.remove(request)
             self._finished_ids.append(request.request_id)  # workers hold it: tell them
         else:
             self.waiting.remove(request)
-        request.finish(reason, stop_reason)
+        request.finish(reason)
         self.kv.free(request)
         del self.requests[request.request_id]
 
@@ -164,7 +165,7 @@ class Scheduler:
 
     def schedule(self) -> ExecuteStep | None:
         """Hand out this step's token budget; None when nothing can run."""
-        plan = _StepPlan(self.sched.max_num_batched_tokens)
+        plan = _StepPlan(self.sched_config.max_num_batched_tokens)
         self._schedule_running(plan)
         self._schedule_waiting(plan)
         if not plan.num_scheduled:
@@ -186,11 +187,10 @@ class Scheduler:
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
                              plan: _StepPlan) -> list[int] | None:
-        """New block ids for `num_new` more tokens, preempting others until they fit.
-
-        None when `request` itself had to be preempted."""
+        """New block ids for `num_new` more tokens, preempting until they fit; None if `request`
+        itself was preempted."""
         while (block_ids := self.kv.allocate_slots(request, num_new)) is None:
-            if self.sched.policy == "priority":
+            if self.sched_config.policy == "priority":
                 # reversed: among equals, the latest admitted goes first.
                 victim = max(reversed(self.running), key=lambda r: (r.priority, r.arrival_time))
             else:
@@ -211,7 +211,8 @@ class Scheduler:
         plan.preempted.add(request.request_id)
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
-        while self.waiting and plan.budget > 0 and len(self.running) < self.sched.max_num_seqs:
+        max_num_seqs = self.sched_config.max_num_seqs
+        while self.waiting and plan.budget > 0 and len(self.running) < max_num_seqs:
             request = self.waiting[0]  # waiting requests hold no blocks and 0 computed tokens
             if request.request_id in plan.preempted:
                 # Re-admitting it in the step that evicted it would only churn: workers forget
@@ -220,7 +221,7 @@ class Scheduler:
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit
             if num_new > plan.budget:
-                if not self.sched.enable_chunked_prefill:
+                if not self.sched_config.enable_chunked_prefill:
                     break  # wait for a step where it fits whole; keep FCFS order
                 num_new = plan.budget
             block_ids = self.kv.allocate_slots(request, num_new, computed_blocks=hit_blocks)
@@ -284,7 +285,7 @@ class Scheduler:
                 num_cached_tokens=request.num_cached_tokens)
             stop = request.check_stop(self.eos_token_ids, self.max_model_len)
             if stop is not None:
-                self._finish(request, *stop)
+                self._finish(request, stop[0])
                 delta.finish_reason, delta.stop_reason = stop
             outputs.append(delta)
 

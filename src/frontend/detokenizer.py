@@ -91,11 +91,11 @@ class IncrementalDetokenizer:
             return self._stream.step(self.tokenizer.backend, token_id)
         except Exception as e:
             # Some tokenizers decode a prefix differently once more tokens follow, which breaks
-            # DecodeStream's bookkeeping; restart it after the last tokens that produced text.
+            # DecodeStream's bookkeeping. Restart it without context (which cannot mismatch) from
+            # the first token that has not produced text yet.
             if "Invalid prefix" not in str(e):
                 raise
-            context = _clean_tail(self.tokenizer, self.token_ids[:self._pending_from])
-            self._stream = DecodeStream(ids=context, skip_special_tokens=self._skip_special)
+            self._stream = DecodeStream(skip_special_tokens=self._skip_special)
             return self._stream.step(self.tokenizer.backend, self.token_ids[self._pending_from:])
 
     def _append(self, piece: str) -> bool:

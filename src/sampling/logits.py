@@ -57,7 +57,9 @@ class TokenBans:
 
     def apply(self, logits: Tensor) -> None:
         """Set the banned entries of `logits` [N, V] to -inf in place."""
-        logits[self.rows, self.token_ids] = float("-inf")
+        logits.index_put_(
+            (self.rows, self.token_ids), _scalar(-torch.inf, logits.dtype, logits.device)
+        )
 
 
 @dataclass
@@ -75,10 +77,11 @@ class AllowedTokens:
         rows = [i for i, p in enumerate(params) if p.allowed_token_ids]
         if not rows:
             return None
-        pairs = [(m, t) for m, i in enumerate(rows) for t in params[i].allowed_token_ids or ()]
-        flat = to_device(pairs, torch.int64, device)  # [T, 2]: (index into rows, token)
+        allowed_rows, allowed_ids = _flatten(
+            [params[i].allowed_token_ids or [] for i in rows], device
+        )
         banned = torch.ones(len(rows), vocab_size, dtype=torch.bool, device=device)
-        banned[flat[:, 0], flat[:, 1]] = False
+        banned.index_put_((allowed_rows, allowed_ids), _scalar(False, torch.bool, device))
         return cls(to_device(rows, torch.int64, device), banned)
 
     def apply(self, logits: Tensor) -> None:
@@ -180,7 +183,7 @@ class Penalties:
         )
         seen = counts > 0
         prompt_rows, prompt_ids = _flatten([prompt_token_ids[i] for i in rows], device)
-        seen[prompt_rows, prompt_ids] = True
+        seen.index_put_((prompt_rows, prompt_ids), _scalar(True, torch.bool, device))
 
         def column(name: str) -> Tensor:
             values = [getattr(params[i], name) for i in rows]
@@ -204,6 +207,11 @@ class Penalties:
         # OpenAI: logit -= frequency * count + presence * [count > 0].
         x -= self.frequency * self.output_counts + self.presence * (self.output_counts > 0)
         logits[self.rows] = x
+
+
+def _scalar(value: float | bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Made on the device by a fill kernel: `t[idx] = python_scalar` would copy it from the host.
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def _has_penalty(p: SamplingParams) -> bool:

@@ -182,3 +182,25 @@ def test_random_token_streams_round_trip(demo: Tokenizer) -> None:
         out += detok.flush()
         assert out == detok.output_text == demo.decode(ids), (prompt, ids)
 
+
+
+class _PrefixUnstableDecoder:
+    """Upper-cases any text of two or more tokens: decoding more tokens rewrites earlier text."""
+
+    def decode_chain(self, tokens: list[str]) -> list[str]:
+        text = "".join(tokens)
+        return [text.upper() if len(tokens) >= 2 else text]
+
+
+def test_recovers_from_prefix_unstable_decoder() -> None:
+    backend = BackendTokenizer(models.WordLevel(vocab={c: i for i, c in enumerate("abcdefg ")},
+                                                unk_token="a"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Decoder.custom(_PrefixUnstableDecoder())
+    tok = Tokenizer(backend)
+    ids = backend.encode("abc defg").ids
+    for prompt in ([], backend.encode("gg").ids):
+        # DecodeStream raises "Invalid prefix" here; the detokenizer restarts it and goes on.
+        detok, deltas = _stream(tok, prompt, ids, SamplingParams(), chunk=1)
+        assert "".join(deltas) == detok.output_text
+        assert detok.output_text.lower() == "abc defg"
