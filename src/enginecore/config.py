@@ -24,6 +24,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16 ("auto": bf16 on GPU, fp32 on CPU)
     max_model_len: int = 0  # 0: the checkpoint's max_position_embeddings
     seed: int = 0
+    load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights, config.json only
+    enforce_eager: bool = False  # never capture CUDA graphs
     # Derived from the checkpoint by `EngineConfig.create`.
     architecture: str = ""
     vocab_size: int = 0

@@ -1,16 +1,18 @@
 """Paged attention: KV store and attention over a block-paged KV cache.
 
-For now this file holds the plain-torch references; the Triton kernels will join them here and be
-tested against them. References favour clarity over speed: they loop over sequences on the host
-and compute in fp32, which makes them the definition of "correct" for every later kernel.
+Each operation has a Triton kernel (private `_name_kernel`), a public launcher that checks dtypes,
+shapes and strides, and a plain-torch `*_ref`. References favour clarity over speed: they loop
+over sequences on the host and compute in fp32, which makes them the definition of "correct" for
+the kernels; tests compare the two.
 
 Dimension legend:
     T  new (query) tokens in the step, all sequences concatenated
     B  sequences in the step
-    Hq query heads, Hkv key/value heads (Hq is a multiple of Hkv: GQA)
+    Hq query heads, Hkv key/value heads (Hq is a multiple of Hkv: GQA), G = Hq // Hkv
     D  head dim
     S  context length of one sequence (cached tokens + new ones)
     N  num_blocks, P block_size (tokens per block)
+    X  KV splits of the decode kernel (flash-decoding)
 
 KV cache layout, one tensor per layer:
 
@@ -19,11 +21,63 @@ KV cache layout, one tensor per layer:
 
 A sequence's context is the concatenation of its blocks in `block_tables[b]` order; its new tokens
 are the LAST q_len positions of that context, and their K/V are stored before attention runs.
+
+Attention runs one of two kernels, picked on the host from `max_query_len`:
+
+    prefill (max_query_len > 1)   grid (q tiles, B, Hkv). A program owns BLOCK_M rows = BLOCK_M/G'
+        query tokens x the G' (G rounded up to a power of two) query heads of one kv head, so every
+        K/V tile is read once for the whole group and fed to tl.dot; online softmax in base 2.
+    decode (max_query_len <= 1)   grid (B, Hkv, X). Split-KV: program x attends to the x-th
+        chunk of the context and writes a partial output + log-sum-exp; a reduce kernel (grid
+        (B, Hq)) merges the X partials. Chunk bounds come from seq_lens read on the device and X
+        depends only on (B, Hkv), so a decode step can be captured in a CUDA graph; padded rows
+        (q_len 0 or seq_len 0) write nothing.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+class AttnTile(NamedTuple):
+    """Launch constants of one attention kernel (see the module docstring for the row layout)."""
+
+    block_m: int  # prefill: query rows (tokens x padded group heads) per program; decode: unused
+    block_n: int  # keys per inner-loop step
+    num_warps: int
+    num_stages: int
+
+
+# Tuned on an H100 (docs/kernels.md); keyed by (head_dim, dtype). Tiny head dims exist for tests.
+PREFILL_TILES: dict[tuple[int, torch.dtype], AttnTile] = {
+    **{(d, dt): AttnTile(16, 16, 2, 1) for d in (16, 32)
+       for dt in (torch.float16, torch.bfloat16, torch.float32)},
+    (64, torch.float16): AttnTile(128, 64, 4, 3),
+    (64, torch.bfloat16): AttnTile(128, 64, 4, 3),
+    (64, torch.float32): AttnTile(64, 32, 4, 2),
+    (128, torch.float16): AttnTile(128, 64, 8, 3),
+    (128, torch.bfloat16): AttnTile(128, 64, 8, 3),
+    (128, torch.float32): AttnTile(32, 32, 4, 2),
+}
+DECODE_TILES: dict[tuple[int, torch.dtype], AttnTile] = {
+    **{(d, dt): AttnTile(16, 16, 2, 1) for d in (16, 32)
+       for dt in (torch.float16, torch.bfloat16, torch.float32)},
+    (64, torch.float16): AttnTile(16, 64, 4, 3),
+    (64, torch.bfloat16): AttnTile(16, 64, 4, 3),
+    (64, torch.float32): AttnTile(16, 32, 4, 2),
+    (128, torch.float16): AttnTile(16, 64, 4, 3),
+    (128, torch.bfloat16): AttnTile(16, 64, 4, 3),
+    (128, torch.float32): AttnTile(16, 32, 4, 2),
+}
+# Decode splits the KV of each (sequence, kv head) until about this many programs per SM exist.
+DECODE_PROGRAMS_PER_SM = 4
+MAX_DECODE_SPLITS = 64
 
 
 def store_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -90,3 +144,316 @@ def causal_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v).transpose(0, 1).to(query.dtype)  # [q, Hq, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # One program per token: its [Hkv, D] key and value rows go to one cache slot.
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok)
+    if slot < 0:  # padding token
+        return
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    ok = (heads < NUM_KV_HEADS)[:, None]
+    dst = slot * (NUM_KV_HEADS * HEAD_DIM) + (heads * HEAD_DIM)[:, None] + dims[None, :]
+    k = tl.load(key_ptr + tok * stride_kt + (heads * stride_kh)[:, None] + dims[None, :], mask=ok)
+    tl.store(k_cache_ptr + dst, k, mask=ok)
+    v = tl.load(value_ptr + tok * stride_vt + (heads * stride_vh)[:, None] + dims[None, :], mask=ok)
+    tl.store(v_cache_ptr + dst, v, mask=ok)
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, start, end,
+            qk_scale, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+            UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Online softmax of q [M, D] over keys start..end (paged), accumulating into acc [M, D].
+    # MASK: 0 = every key is valid (caller guarantees), 1 = keys < end, 2 = also causal (q_pos).
+    # Scores are in base 2 (qk_scale includes log2 e): exp2 is one instruction.
+    dims = tl.arange(0, HEAD_DIM)
+    for n in range(start, end, BLOCK_N):
+        keys = n + tl.arange(0, BLOCK_N)
+        key_ok = keys < end
+        # Block-table entry of every key of the tile (a tile may span several pages).
+        if MASK == 0:
+            page = tl.load(table_ptr + keys // BLOCK_SIZE)
+        else:
+            page = tl.load(table_ptr + keys // BLOCK_SIZE, mask=key_ok, other=0)
+        row = (page.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
+        kv_off = row * HEAD_DIM
+        if MASK == 0:
+            k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None])  # [D, BLOCK_N]
+            v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :])  # [BLOCK_N, D]
+        else:
+            k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None], mask=key_ok[None, :],
+                        other=0.0)
+            v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None],
+                        other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale  # [M, BLOCK_N]
+        if MASK == 1:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+        if MASK == 2:
+            s = tl.where((keys[None, :] <= q_pos[:, None]) & key_ok[None, :], s, float("-inf"))
+        # Every row sees >= 1 key in its first tile (callers order the ranges so), hence m_new
+        # is finite and exp2 never sees (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
+                    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Row r of the tile = query token tile*BLOCK_Q + r // GROUP_PAD, head kv_head*G + r % GROUP_PAD.
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    if tile * BLOCK_Q >= q_len:  # grid is sized by max_query_len
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = tile * BLOCK_Q + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_ok = (q_idx < q_len) & (rows % GROUP_PAD < GROUP)
+    dims = tl.arange(0, HEAD_DIM)
+    q_off = (q_start + q_idx).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_off[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = seq_len - q_len + q_idx  # absolute position of each row's token
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Keys before the tile's first query position are visible to every row: no mask there.
+    first_pos = seq_len - q_len + tile * BLOCK_Q
+    full_end = first_pos // BLOCK_N * BLOCK_N
+    kv_end = tl.minimum(first_pos + BLOCK_Q, seq_len)
+    table_ptr = tables_ptr + seq.to(tl.int64) * stride_bt
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
+                            0, full_end, qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                            0, UPCAST, DOT_PREC)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
+                            full_end, kv_end, qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                            BLOCK_N, 2, UPCAST, DOT_PREC)
+    out = acc / l_i[:, None]
+    o_off = (q_start + q_idx).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _split_bounds(seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Split x of a sequence covers keys [x*chunk, (x+1)*chunk) with chunk a multiple of BLOCK_N;
+    # short contexts leave the last splits empty. Decode and reduce must agree on this.
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return chunk, split * chunk
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+                   qsl_ptr, seq_lens_ptr, tables_ptr, qk_scale,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                   GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Rows = the G query heads of one kv head (padded to BLOCK_M >= 16 for tl.dot); one token.
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    chunk, start = _split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
+    if (q_len == 0) | (start >= seq_len):  # padded row, or this split is past the context
+        return
+    end = tl.minimum(start + chunk, seq_len)
+    rows = tl.arange(0, BLOCK_M)
+    head = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q_off = q_start.to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_off[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table_ptr = tables_ptr + seq.to(tl.int64) * stride_bt
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, rows, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
+                            start, end, qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                            1, UPCAST, DOT_PREC)
+    out = acc / l_i[:, None]
+    if NUM_SPLITS == 1:
+        o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+    else:
+        # Partials [B, Hq, X, D] and their base-2 log-sum-exp [B, Hq, X].
+        part = (seq.to(tl.int64) * (GROUP * NUM_KV_HEADS) + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out,
+                 mask=row_ok[:, None])
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(out_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, seq_lens_ptr,
+                          stride_ot, stride_oh, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    # Merge the non-empty splits of one (sequence, query head): weights exp2(lse_x - max lse).
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if (q_len == 0) | (seq_len == 0):
+        return
+    chunk, _ = _split_bounds(seq_len, 0, NUM_SPLITS, BLOCK_N)
+    splits = tl.arange(0, NUM_SPLITS)
+    ok = splits < tl.cdiv(seq_len, chunk)
+    part = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + splits
+    lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, 0))
+    dims = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None],
+                    other=0.0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+    o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(out_ptr + o_off + dims, out.to(out_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Triton `store_kv_ref`: key/value [T, Hkv, D] -> kv_cache at slot_mapping [T] (< 0: skip)."""
+    num_tokens = key.shape[0]
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    assert kv_cache.is_contiguous() and kv_cache.shape[0] == 2
+    assert key.shape == value.shape == (num_tokens, num_kv_heads, head_dim)
+    assert key.dtype == value.dtype == kv_cache.dtype, "no KV-cache dtype conversion (yet)"
+    assert key.stride(2) == 1 and value.stride(2) == 1
+    assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype == torch.int64
+    assert key.device == value.device == kv_cache.device == slot_mapping.device
+    _check_head_dim(head_dim)
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        key, value, kv_cache[0], kv_cache[1], slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                    max_query_len: int, out: torch.Tensor | None = None, *,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """Triton `paged_attention_ref` -> out [T, Hq, D]; rows of sequences with q_len 0 untouched.
+
+    max_query_len (host int) picks prefill (> 1) or split-KV decode (<= 1); num_splits overrides
+    the decode split count (a power of two; tests), which otherwise depends only on (B, Hkv).
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    num_seqs = seq_lens.shape[0]
+    _check_attention_args(query, kv_cache, query_start_loc, seq_lens, block_tables)
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    table = (PREFILL_TILES if max_query_len > 1 else DECODE_TILES)[(head_dim, query.dtype)]
+    # The interpreter (CPU tensors) computes garbage on bf16: upcast right after each load.
+    upcast = query.device.type == "cpu" and query.dtype == torch.bfloat16
+    common = dict(
+        qk_scale=scale * _LOG2E, stride_qt=query.stride(0), stride_qh=query.stride(1),
+        stride_ot=out.stride(0), stride_oh=out.stride(1), stride_bt=block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_N=table.block_n, UPCAST=upcast,
+        DOT_PREC="ieee" if upcast or query.dtype == torch.float32 else "tf32",
+        num_warps=table.num_warps, num_stages=table.num_stages)
+    caches = (kv_cache[0], kv_cache[1])
+    if max_query_len > 1:
+        group_pad = triton.next_power_of_2(group)
+        block_m = max(table.block_m, group_pad)
+        grid = (triton.cdiv(max_query_len, block_m // group_pad), num_seqs, num_kv_heads)
+        _prefill_kernel[grid](query, *caches, out, query_start_loc, seq_lens, block_tables,
+                              GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, **common)
+        return out
+    splits = num_splits or _decode_splits(num_seqs, num_kv_heads, query.device)
+    assert splits == triton.next_power_of_2(splits)
+    if splits == 1:
+        part_out = part_lse = out  # unused: the kernel writes `out` directly
+    else:
+        part_out = query.new_empty((num_seqs, num_heads, splits, head_dim), dtype=torch.float32)
+        part_lse = query.new_empty((num_seqs, num_heads, splits), dtype=torch.float32)
+    _decode_kernel[(num_seqs, num_kv_heads, splits)](
+        query, *caches, out, part_out, part_lse, query_start_loc, seq_lens, block_tables,
+        GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits,
+        **common)
+    if splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, part_out, part_lse, query_start_loc, seq_lens, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_N=table.block_n, NUM_SPLITS=splits,
+            num_warps=1 if head_dim <= 64 else 2)
+    return out
+
+
+def _decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """KV splits so that B * Hkv * splits reaches DECODE_PROGRAMS_PER_SM programs per SM."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    wanted = triton.cdiv(DECODE_PROGRAMS_PER_SM * _SM_COUNT[index], num_seqs * num_kv_heads)
+    return min(triton.next_power_of_2(wanted), MAX_DECODE_SPLITS)
+
+
+def _check_head_dim(head_dim: int) -> None:
+    assert head_dim >= 16 and head_dim == triton.next_power_of_2(head_dim), head_dim
+
+
+def _check_attention_args(query: torch.Tensor, kv_cache: torch.Tensor,
+                          query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                          block_tables: torch.Tensor) -> None:
+    num_seqs = seq_lens.shape[0]
+    _, num_heads, head_dim = query.shape
+    assert kv_cache.is_contiguous() and kv_cache.shape[0] == 2 and kv_cache.shape[4] == head_dim
+    assert num_heads % kv_cache.shape[3] == 0
+    assert query.dtype == kv_cache.dtype and query.stride(2) == 1
+    assert query.dtype in (torch.float16, torch.bfloat16, torch.float32), query.dtype
+    assert query_start_loc.shape == (num_seqs + 1,) and query_start_loc.dtype == torch.int32
+    assert seq_lens.dtype == torch.int32 and seq_lens.is_contiguous()
+    assert block_tables.dtype == torch.int32 and block_tables.dim() == 2
+    assert block_tables.shape[0] == num_seqs and block_tables.stride(1) == 1
+    assert query_start_loc.is_contiguous()
+    devices = {t.device for t in (query, kv_cache, query_start_loc, seq_lens, block_tables)}
+    assert len(devices) == 1, devices
+    _check_head_dim(head_dim)

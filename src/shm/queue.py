@@ -31,6 +31,7 @@ the engine notices a dead peer (e.g. `lambda: proc.poll() is not None`).
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -42,7 +43,9 @@ from shm.ring import ShmRing, open_segment
 _FRAME = struct.Struct("<Q?xH4x")  # nbytes, oversize, name_len -> 16 bytes
 _MIN_SLOT_BYTES = 512  # frame + the longest oversize-segment name (names are <= 255 bytes)
 
-_SPIN_S = 50e-6
+# With cores to spare (a GPU host), spin for a whole decode step's worth: a sleep there would add
+# up to _MAX_SLEEP_S to every step. With few cores (CI), spin briefly and give the CPU away.
+_SPIN_S = 5e-3 if (os.cpu_count() or 1) >= 8 else 50e-6
 _MIN_SLEEP_S = 20e-6
 _MAX_SLEEP_S = 1e-3
 _ABORT_POLL_S = 0.05

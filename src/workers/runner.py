@@ -22,6 +22,8 @@ from enginecore.protocol import ExecuteStep, NewReq, StepResult, TokenLogprobs
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from workers.attention import AttnMetadata, set_forward_context
+from workers.cudagraph import CudaGraphs
+from workers.inputs import InputBuffers
 from workers.models import load_model
 
 _MASK63 = (1 << 63) - 1
@@ -36,6 +38,15 @@ class CachedRequestState:
     num_computed_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    block_arr: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+
+    def __post_init__(self) -> None:
+        self.block_arr = np.asarray(self.block_ids, dtype=np.int32)
+
+    def add_blocks(self, block_ids: list[int]) -> None:
+        if block_ids:
+            self.block_ids.extend(block_ids)
+            self.block_arr = np.asarray(self.block_ids, dtype=np.int32)
 
     @property
     def num_tokens(self) -> int:
@@ -50,9 +61,11 @@ class CachedRequestState:
 
 @dataclass
 class StepInputs:
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    meta: AttnMetadata
+    num_tokens: int  # T
+    num_reqs: int  # B
+    num_cols: int  # block-table columns in use
+    max_query_len: int
+    max_seq_len: int
     sample_rows: list[int]  # for each sampling request, its last token's index in [0, T)
     sample_reqs: list[CachedRequestState]
     # Prompt-logprob requests: (state, first token index in T, first position, count of rows)
@@ -67,10 +80,15 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = config.cache.block_size
-        self.model = load_model(config.model.model, dtype, device)
+        self.model = load_model(config.model.model, dtype, device, config.model.load_format)
         self.sampler = Sampler(config.model.vocab_size, config.model.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        sched = config.scheduler
+        self.max_blocks_per_req = -(-config.model.max_model_len // self.block_size)
+        self.buffers = InputBuffers(max(sched.max_num_batched_tokens, sched.max_num_seqs),
+                                    sched.max_num_seqs, self.max_blocks_per_req, device)
+        self.graphs: CudaGraphs | None = None
 
     # ------------------------------------------------------------ KV cache
 
@@ -84,6 +102,31 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.model.num_layers)]
         self.model.bind_kv_cache(self.kv_caches)
+        if self.device.type == "cuda" and not self.config.model.enforce_eager:
+            self.graphs = CudaGraphs(self.model, self.buffers, self.config.scheduler.max_num_seqs)
+            self.graphs.capture()
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """Run the largest step the scheduler can emit (no cache bound) to find peak memory."""
+        sched = self.config.scheduler
+        num_tokens = min(sched.max_num_batched_tokens,
+                         sched.max_num_seqs * self.config.model.max_model_len)
+        # Fresh prefills of <= 256 tokens each: the no-cache attention path is quadratic.
+        starts = list(range(0, num_tokens, 256)) + [num_tokens]
+        meta = AttnMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(np.diff(starts), dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((len(starts) - 1, 1), dtype=torch.int32,
+                                     device=self.device),
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            max_query_len=256, max_seq_len=256)
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        with set_forward_context(meta):
+            hidden = self.model(ids, ids)
+        rows = min(sched.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:rows])
+        torch.softmax(logits, dim=-1).argmax(-1)
 
     # ------------------------------------------------------------ step
 
@@ -93,8 +136,7 @@ class ModelRunner:
         if not step.num_scheduled_tokens:
             return StepResult(step_id=step.step_id, req_ids=[], sampled=[])
         inputs = self._prepare_inputs(step)
-        with set_forward_context(inputs.meta):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        hidden = self._forward(inputs)
         result = StepResult(step_id=step.step_id, req_ids=[], sampled=[])
         if inputs.prompt_lp:
             result.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
@@ -111,7 +153,7 @@ class ModelRunner:
         for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
                                                    cached.num_computed_tokens, strict=True):
             state = self.requests[req_id]
-            state.block_ids.extend(block_ids)
+            state.add_blocks(block_ids)
             state.num_computed_tokens = num_computed
 
     def _new_state(self, new: NewReq) -> CachedRequestState:
@@ -125,54 +167,46 @@ class ModelRunner:
             output_token_ids=list(new.output_token_ids), generator=generator)
 
     def _prepare_inputs(self, step: ExecuteStep) -> StepInputs:
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
+        """Stage the step's flat inputs in the host buffers (copied to the device later)."""
+        buf, bs = self.buffers, self.block_size
+        buf.query_start_loc[0] = 0
+        offset = row = max_query_len = max_seq_len = num_cols = 0
         sample_rows: list[int] = []
         sample_reqs: list[CachedRequestState] = []
         prompt_lp: list[tuple[CachedRequestState, int, int, int]] = []
-        for req_id, n in step.num_scheduled_tokens.items():
+        for row, (req_id, n) in enumerate(step.num_scheduled_tokens.items()):
             state = self.requests[req_id]
             start, end = state.num_computed_tokens, state.num_computed_tokens + n
-            offset = len(ids)
-            ids.extend(state.token_slice(start, end))
-            pos = np.arange(start, end, dtype=np.int64)
-            blocks = np.asarray(state.block_ids, dtype=np.int64)
-            positions.append(pos)
-            slots.append(blocks[pos // bs] * bs + pos % bs)
-            query_start.append(len(ids))
-            seq_lens.append(end)
-            tables.append(state.block_ids)
+            first = offset
+            offset = buf.fill_request(row, offset, state.token_slice(start, end), start,
+                                      state.block_arr, bs)
+            max_query_len, max_seq_len = max(max_query_len, n), max(max_seq_len, end)
+            num_cols = max(num_cols, len(state.block_ids))
             num_prompt = len(state.prompt_token_ids)
             if state.sampling.prompt_logprobs is not None and start < num_prompt - 1:
                 # Position p's logits score prompt token p + 1.
-                count = min(end, num_prompt - 1) - start
-                prompt_lp.append((state, offset, start, count))
+                prompt_lp.append((state, first, start, min(end, num_prompt - 1) - start))
             if end == state.num_tokens:
-                sample_rows.append(len(ids) - 1)
+                sample_rows.append(offset - 1)
                 sample_reqs.append(state)
-        max_blocks = max(len(t) for t in tables)
-        table_arr = np.zeros((len(tables), max_blocks), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table_arr[i, : len(t)] = t
-        dev = self.device
-        qsl = np.asarray(query_start, dtype=np.int32)
-        meta = AttnMetadata(
-            query_start_loc=torch.from_numpy(qsl).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(table_arr).to(dev),
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            max_query_len=int(np.diff(qsl).max()),
-            max_seq_len=max(seq_lens),
-        )
-        return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
-            meta=meta, sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp)
+        return StepInputs(num_tokens=offset, num_reqs=len(step.num_scheduled_tokens),
+                          num_cols=num_cols, max_query_len=max_query_len,
+                          max_seq_len=max_seq_len, sample_rows=sample_rows,
+                          sample_reqs=sample_reqs, prompt_lp=prompt_lp)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Hidden states [T, H]: replayed from a CUDA graph for decode steps, else eager."""
+        buf = self.buffers
+        if self.graphs is not None and inputs.max_query_len == 1:
+            size = self.graphs.bucket(inputs.num_reqs)
+            if size is not None:
+                return self.graphs.replay(inputs.num_reqs, inputs.num_cols, size)
+        buf.copy_to_device(inputs.num_tokens, inputs.num_reqs, inputs.num_cols)
+        meta = buf.metadata(inputs.num_tokens, inputs.num_reqs, inputs.num_cols,
+                            inputs.max_query_len, inputs.max_seq_len)
+        with set_forward_context(meta):
+            return self.model(buf.input_ids_dev[: inputs.num_tokens],
+                              buf.positions_dev[: inputs.num_tokens])
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
         reqs = inputs.sample_reqs

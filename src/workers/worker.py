@@ -103,11 +103,17 @@ class Worker:
             return cache.kv_cache_memory_bytes
         if self.device.type != "cuda":
             return _CPU_KV_DEFAULT_BYTES
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.runner.profile_run()
         torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        # Leave headroom for activations of the largest step: the runner has not run one yet.
-        activation_reserve = 2 << 30
-        budget = total * cache.gpu_memory_utilization - used_by_others
-        budget -= torch.cuda.memory_reserved(self.device) + activation_reserve
+        # Memory outside torch's allocator (CUDA context, NCCL, other processes).
+        non_torch = total - free - torch.cuda.memory_reserved(self.device)
+        graph_reserve = 0 if self.config.model.enforce_eager else 512 << 20
+        budget = total * cache.gpu_memory_utilization - non_torch - peak - graph_reserve
+        logger.info("memory: total %.1f GiB, weights+activations peak %.1f GiB, "
+                    "other %.1f GiB -> KV cache %.1f GiB", total / 2**30, peak / 2**30,
+                    non_torch / 2**30, budget / 2**30)
         return max(int(budget), 0)

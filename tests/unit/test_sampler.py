@@ -132,24 +132,31 @@ def test_logit_bias_adds_offsets():
     assert torch.equal(processed(logits, batch), expected)
 
 
-def test_penalties_match_hand_computation():
-    logits = torch.tensor([[2.0, -1.0, 3.0, -2.0, 0.5, 1.0, -0.5, 0.0, 4.0, -3.0]] * 2)
-    prompt, output = [1, 2, 2], [2, 3, 3, 5]
-    rep, freq, pres = 1.5, 0.5, 0.25
-    params = [
-        SamplingParams(repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres),
-        SamplingParams(),
-    ]
-    batch = make_batch(params, prompts=[prompt, prompt], outputs=[output, output])
-    expected = logits[0].tolist()
-    for t in range(V):
+def penalised(row: list[float], prompt, output, rep, freq, pres) -> list[float]:
+    """The penalties computed one token at a time, straight from their definitions."""
+    row = list(row)
+    for t in range(len(row)):
         if t in prompt or t in output:
-            expected[t] = expected[t] / rep if expected[t] > 0 else expected[t] * rep
+            row[t] = row[t] / rep if row[t] > 0 else row[t] * rep
         count = output.count(t)
-        expected[t] -= freq * count + pres * (count > 0)
+        row[t] -= freq * count + pres * (count > 0)
+    return row
+
+
+def test_penalties_match_hand_computation():
+    logits = torch.tensor([[2.0, -1.0, 3.0, -2.0, 0.5, 1.0, -0.5, 0.0, 4.0, -3.0]] * 3)
+    prompt, output = [1, 2, 2], [2, 3, 3, 5]
+    params = [
+        SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.25),
+        SamplingParams(),
+        SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.3),  # first step: no output
+    ]
+    batch = make_batch(params, prompts=[prompt] * 3, outputs=[output, output, []])
     out = processed(logits, batch)
-    assert torch.allclose(out[0], torch.tensor(expected), atol=1e-6)
+    row = logits[0].tolist()
+    assert torch.allclose(out[0], torch.tensor(penalised(row, prompt, output, 1.5, 0.5, 0.25)))
     assert torch.equal(out[1], logits[1])  # neutral row untouched bit for bit
+    assert torch.allclose(out[2], torch.tensor(penalised(row, prompt, [], 0.8, -0.3, 0.0)))
 
 
 # ------------------------------------------------------------------------- random sampling

@@ -62,15 +62,24 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device | str,
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
-               device: torch.device | str = "cpu") -> nn.Module:
-    """Build the checkpoint's model on `device` in `dtype`, load its weights, set eval mode."""
+               device: torch.device | str = "cpu", load_format: str = "auto") -> nn.Module:
+    """Build the checkpoint's model on `device` in `dtype`, load its weights, set eval mode.
+
+    load_format "dummy" skips the safetensors and fills every parameter with small uniform noise
+    (benchmarks of large shapes need only config.json).
+    """
     hf_config = read_hf_config(model_dir)
     architecture = (hf_config.get("architectures") or [""])[0]
     cls = model_class(architecture)
     dtype = resolve_dtype(dtype, device, hf_config)
     with torch.device(device), _default_dtype(dtype):
         model = cls(hf_config)
-    load_weights(model, model_dir)
+    if load_format == "dummy":
+        gen = torch.Generator(device=device).manual_seed(0)
+        for param in model.parameters():
+            param.data.uniform_(-1e-3, 1e-3, generator=gen)
+    else:
+        load_weights(model, model_dir)
     return model.eval().requires_grad_(False)
 
 
