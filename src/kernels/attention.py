@@ -173,46 +173,67 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 def _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, start, end,
             qk_scale, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-            UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+            UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
     # Online softmax of q [M, D] over keys start..end (paged), accumulating into acc [M, D].
-    # MASK: 0 = every key is valid (caller guarantees), 1 = keys < end, 2 = also causal (q_pos).
-    # Scores are in base 2 (qk_scale includes log2 e): exp2 is one instruction.
-    dims = tl.arange(0, HEAD_DIM)
-    for n in range(start, end, BLOCK_N):
-        keys = n + tl.arange(0, BLOCK_N)
-        key_ok = keys < end
-        # Block-table entry of every key of the tile (a tile may span several pages).
-        if MASK == 0:
-            page = tl.load(table_ptr + keys // BLOCK_SIZE)
-        else:
-            page = tl.load(table_ptr + keys // BLOCK_SIZE, mask=key_ok, other=0)
-        row = (page.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
-        kv_off = row * HEAD_DIM
-        if MASK == 0:
-            k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None])  # [D, BLOCK_N]
-            v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :])  # [BLOCK_N, D]
-        else:
-            k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None], mask=key_ok[None, :],
-                        other=0.0)
-            v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None],
-                        other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale  # [M, BLOCK_N]
-        if MASK == 1:
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-        if MASK == 2:
-            s = tl.where((keys[None, :] <= q_pos[:, None]) & key_ok[None, :], s, float("-inf"))
-        # Every row sees >= 1 key in its first tile (callers order the ranges so), hence m_new
-        # is finite and exp2 never sees (-inf) - (-inf).
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    if INTERPRET:
+        # The interpreter cannot take a tensor as a `range` bound (int() of a 1-element array
+        # fails with numpy 2); the compiled path needs `range` so that loads get pipelined.
+        n = start
+        while n < end:
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr,
+                                         table_ptr, kv_head, n, end, qk_scale, NUM_KV_HEADS,
+                                         HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASK, UPCAST, DOT_PREC)
+            n += BLOCK_N
+    else:
+        for n in range(start, end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr,
+                                         table_ptr, kv_head, n, end, qk_scale, NUM_KV_HEADS,
+                                         HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASK, UPCAST, DOT_PREC)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, n, end,
+                 qk_scale, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                 UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    # One BLOCK_N tile of keys n..n+BLOCK_N. MASK: 0 = all valid (caller guarantees),
+    # 1 = keys < end, 2 = also causal (key <= q_pos). Scores are in base 2 (qk_scale holds
+    # log2 e), so exp2 is one instruction.
+    dims = tl.arange(0, HEAD_DIM)
+    keys = n + tl.arange(0, BLOCK_N)
+    key_ok = keys < end
+    # Block-table entry of every key of the tile (a tile may span several pages).
+    if MASK == 0:
+        page = tl.load(table_ptr + keys // BLOCK_SIZE)
+    else:
+        page = tl.load(table_ptr + keys // BLOCK_SIZE, mask=key_ok, other=0)
+    kv_off = ((page.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE) * NUM_KV_HEADS + kv_head)
+    kv_off = kv_off * HEAD_DIM
+    if MASK == 0:
+        k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None])  # [D, BLOCK_N]
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :])  # [BLOCK_N, D]
+    else:
+        k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None], mask=key_ok[None, :],
+                    other=0.0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_ok[:, None],
+                    other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale  # [M, BLOCK_N]
+    if MASK == 1:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    if MASK == 2:
+        s = tl.where((keys[None, :] <= q_pos[:, None]) & key_ok[None, :], s, float("-inf"))
+    # Every row sees >= 1 key in its first tile (callers order the ranges so), hence m_new is
+    # finite and exp2 never sees (-inf) - (-inf).
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -220,7 +241,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
                     qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                    INTERPRET: tl.constexpr):
     # Row r of the tile = query token tile*BLOCK_Q + r // GROUP_PAD, head kv_head*G + r % GROUP_PAD.
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     tile = tl.program_id(0)
@@ -251,10 +273,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     table_ptr = tables_ptr + seq.to(tl.int64) * stride_bt
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
                             0, full_end, qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                            0, UPCAST, DOT_PREC)
+                            0, UPCAST, DOT_PREC, INTERPRET)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
                             full_end, kv_end, qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
-                            BLOCK_N, 2, UPCAST, DOT_PREC)
+                            BLOCK_N, 2, UPCAST, DOT_PREC, INTERPRET)
     out = acc / l_i[:, None]
     o_off = (q_start + q_idx).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
@@ -275,7 +297,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                    GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                   INTERPRET: tl.constexpr):
     # Rows = the G query heads of one kv head (padded to BLOCK_M >= 16 for tl.dot); one token.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -301,7 +324,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_
     table_ptr = tables_ptr + seq.to(tl.int64) * stride_bt
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, rows, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
                             start, end, qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                            1, UPCAST, DOT_PREC)
+                            1, UPCAST, DOT_PREC, INTERPRET)
     out = acc / l_i[:, None]
     if NUM_SPLITS == 1:
         o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
@@ -389,13 +412,15 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
         return out
     group = num_heads // num_kv_heads
     table = (PREFILL_TILES if max_query_len > 1 else DECODE_TILES)[(head_dim, query.dtype)]
-    # The interpreter (CPU tensors) computes garbage on bf16: upcast right after each load.
-    upcast = query.device.type == "cpu" and query.dtype == torch.bfloat16
+    # CPU tensors only run under TRITON_INTERPRET=1; the interpreter computes garbage on bf16,
+    # so upcast right after each load there.
+    interpret = query.device.type == "cpu"
+    upcast = interpret and query.dtype == torch.bfloat16
     common = dict(
         qk_scale=scale * _LOG2E, stride_qt=query.stride(0), stride_qh=query.stride(1),
         stride_ot=out.stride(0), stride_oh=out.stride(1), stride_bt=block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=table.block_n, UPCAST=upcast,
+        BLOCK_N=table.block_n, UPCAST=upcast, INTERPRET=interpret,
         DOT_PREC="ieee" if upcast or query.dtype == torch.float32 else "tf32",
         num_warps=table.num_warps, num_stages=table.num_stages)
     caches = (kv_cache[0], kv_cache[1])
