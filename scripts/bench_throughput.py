@@ -1,8 +1,9 @@
 """Offline throughput and decode-latency benchmark.
 
-Throughput mode (default) runs the nano-vllm workload: N requests with prompt and output lengths
-uniform in [min_len, max_len], random token ids, ignore_eos. Latency mode measures decode speed
-at a fixed batch size and context (the time between consecutive tokens of each stream).
+Throughput mode (default) runs the nano-vllm workload: N requests with prompt and output
+lengths uniform in [min_len, max_len], random token ids, temperature 0.6, ignore_eos. Latency
+mode measures decode speed at a fixed batch size and context (the time between consecutive
+tokens of each stream).
 
     python scripts/bench_throughput.py --preset qwen3-0.6b
     python scripts/bench_throughput.py --preset llama-3.1-8b --mode latency --batch-sizes 1 64
@@ -56,16 +57,20 @@ def make_preset(name: str) -> str:
     return str(out)
 
 
-def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [([rng.randrange(10, min(vocab, 100000)) for _ in range(rng.randint(lo, hi))],
-             rng.randint(lo, hi)) for _ in range(n)]
+def workload(n: int, lo: int, hi: int, seed: int) -> list[tuple[list[int], int]]:
+    """nano-vllm's bench.py draws, in its order: each prompt's length then its ids (< 10,000),
+    then every max_tokens. Seed 0, n=256, [100, 1024] gives 142,827 prompt / 133,966 output
+    tokens."""
+    random.seed(seed)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(lo, hi))]
+               for _ in range(n)]
+    return list(zip(prompts, [random.randint(lo, hi) for _ in range(n)], strict=True))
 
 
 def run_throughput(llm, reqs) -> dict:
     from frontend import SamplingParams
 
-    params = [SamplingParams(temperature=0.0, max_tokens=out, ignore_eos=True, detokenize=False)
+    params = [SamplingParams(temperature=0.6, max_tokens=out, ignore_eos=True, detokenize=False)
               for _, out in reqs]
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
@@ -169,7 +174,7 @@ def main() -> None:
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
     try:
         if args.mode == "throughput":
-            reqs = workload(args.num_prompts, args.min_len, args.max_len, vocab, args.seed)
+            reqs = workload(args.num_prompts, args.min_len, args.max_len, args.seed)
             results["engine"] = run_throughput(llm, reqs)
         else:
             results["engine"] = [run_latency(llm, bs, args.context, args.new_tokens, vocab)
@@ -177,7 +182,7 @@ def main() -> None:
     finally:
         llm.shutdown()
     if args.hf_baseline:
-        reqs = workload(args.num_prompts, args.min_len, args.max_len, vocab, args.seed)
+        reqs = workload(args.num_prompts, args.min_len, args.max_len, args.seed)
         results["transformers"] = run_hf_baseline(model, reqs, args.hf_baseline)
     text = json.dumps(results, indent=2)
     print(text)

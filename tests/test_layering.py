@@ -79,7 +79,7 @@ def test_dependency_rule():
 
 def test_torch_free_processes_start_without_torch():
     code = ("import sys, enginecore.core, enginecore.__main__, frontend, frontend.client, "
-            "frontend.offline, shm; "
+            "frontend.offline, frontend.server, frontend.serving, frontend.__main__, shm; "
             "bad = [m for m in ('torch', 'triton', 'transformers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

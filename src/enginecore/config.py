@@ -46,6 +46,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_batched_tokens: int = 8192  # per-step token budget
     enable_chunked_prefill: bool = True
     policy: Literal["fcfs", "priority"] = "fcfs"
+    # Schedule step N+1 while the workers run step N (one step in flight ahead); off: one step
+    # at a time. Both give the same tokens.
+    async_scheduling: bool = True
 
 
 class ParallelConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,16 +4,25 @@ One process per data-parallel rank. Two I/O threads keep socket work (msgpack de
 ZMQ) off the loop:
 
     input thread:  ZMQ PULL (bound) --decode--> input_queue
-    busy loop:     input_queue -> Scheduler.add/abort -> schedule() -> Executor.execute()
-                   -> Scheduler.update() -> output_queue
+    busy loop:     input_queue -> Scheduler.add/abort -> schedule() -> Executor.submit()
+                   -> Executor.result() -> Scheduler.update() -> output_queue
     output thread: output_queue --encode--> one ZMQ PUSH per client (routed by client_index)
 
-The loop blocks on the input queue only when no request is unfinished, so an idle engine costs no
-CPU and a busy one never waits on a socket.
+With `async_scheduling` the loop keeps one step in flight ahead, so the core's CPU work overlaps
+the workers' GPU work instead of alternating with it:
+
+    core:    | sched N+1 | send N+1 | wait, recv N | update N, emit | sched N+2 | send N+2 | ...
+    workers: |<--------------- step N ----------->|<------------------ step N+1 ------------...
+
+Without it each step is received and applied before the next is scheduled.
+
+The loop blocks on the input queue only when no request is unfinished and no step is in flight,
+so an idle engine costs no CPU and a busy one never waits on a socket.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -31,6 +40,7 @@ from enginecore.protocol import (
     ControlResult,
     CoreReady,
     EngineOutputs,
+    ExecuteStep,
     TokenDelta,
     core_input_decoder,
     encode,
@@ -58,6 +68,10 @@ class EngineCore:
         executor.init_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(config, num_blocks)
+        # Steps sent whose results are not applied yet, oldest first. Between step() calls at
+        # most `max_in_flight` remain: 1 with async scheduling, 0 without.
+        self.in_flight: collections.deque[ExecuteStep] = collections.deque()
+        self.max_in_flight = 1 if config.scheduler.async_scheduling else 0
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
 
     def add_request(self, req: AddRequest) -> list[TokenDelta]:
@@ -67,12 +81,22 @@ class EngineCore:
     def abort(self, request_ids: list[str]) -> list[TokenDelta]:
         return self.scheduler.abort_requests(request_ids)
 
+    def has_work(self) -> bool:
+        """True while a request is unfinished or a sent step's result is still to be applied."""
+        return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
+
     def step(self) -> list[TokenDelta]:
+        """Schedule and send the next step, then apply the oldest result beyond the depth."""
         step = self.scheduler.schedule()
-        if step is None:
+        if step is not None:
+            self.executor.submit(step)
+            self.in_flight.append(step)
+            if len(self.in_flight) <= self.max_in_flight:
+                return []  # let it run while the next call schedules the step after it
+        if not self.in_flight:
             return []
-        result = self.executor.execute(step)
-        return self.scheduler.update(step, result)
+        done = self.in_flight.popleft()
+        return self.scheduler.update(done, self.executor.result(done.step_id))
 
 
 class EngineCoreProc:
@@ -98,7 +122,7 @@ class EngineCoreProc:
             raise
         ready = CoreReady(engine_pid=os.getpid(), num_blocks=self.core.num_blocks,
                           block_size=config.cache.block_size,
-                          max_model_len=config.model.max_model_len,
+                          max_model_len=self.core.scheduler.max_model_len,
                           vocab_size=config.model.vocab_size)
         for client in range(self.num_clients):
             self.output_queue.put((client, ready))
@@ -136,9 +160,8 @@ class EngineCoreProc:
         last_check = time.monotonic()
         try:
             while not self.stopping:
-                busy = self.core.scheduler.has_unfinished_requests()
-                self._process_inputs(block=not busy)
-                if self.core.scheduler.has_unfinished_requests():
+                self._process_inputs(block=not self.core.has_work())
+                if self.core.has_work():
                     self._emit(self.core.step())
                 if time.monotonic() - last_check > _IDLE_POLL_S:
                     last_check = time.monotonic()

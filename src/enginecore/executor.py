@@ -4,10 +4,15 @@ Starts one `python -m workers` process per rank, broadcasts `WorkerInput` to all
 a shared-memory ring and reads rank 0's `WorkerOutput` from a second ring. Every wait also polls
 the worker processes, so a dead worker surfaces as `EngineDeadError` within a fraction of a
 second instead of a hang.
+
+Steps are split into `submit` (broadcast) and `result` (receive) so the engine core can schedule
+step N+1 while the workers run step N. Workers answer steps in the order they were sent; the
+rings hold several messages, so a step submitted ahead never blocks on an unread result.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import subprocess
@@ -47,6 +52,7 @@ class Executor:
         self.procs = [self._spawn(rank) for rank in range(self.world_size)]
         self.resp = self._attach_response()
         self._call_ids = itertools.count()
+        self._pending_steps: collections.deque[int] = collections.deque()  # submitted, unread
 
     def _spawn(self, rank: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "workers", "--rank", str(rank),
@@ -100,10 +106,18 @@ class Executor:
             raise EngineDeadError(msg.message)
         return msg
 
-    def execute(self, step: ExecuteStep) -> StepResult:
+    def submit(self, step: ExecuteStep) -> None:
+        """Broadcast a step to every worker; read its result later with `result(step_id)`."""
         self._send(step)
+        self._pending_steps.append(step.step_id)
+
+    def result(self, step_id: int) -> StepResult:
+        """Wait for the result of `step_id`, which must be the oldest step not yet read."""
+        assert self._pending_steps and self._pending_steps[0] == step_id, (
+            step_id, list(self._pending_steps))
         result = self._recv()
-        assert isinstance(result, StepResult) and result.step_id == step.step_id
+        self._pending_steps.popleft()
+        assert isinstance(result, StepResult) and result.step_id == step_id, result
         return result
 
     def profile_memory(self) -> MemoryReport:
@@ -121,7 +135,10 @@ class Executor:
         if self.dead_worker() is None:
             try:
                 self._send(Shutdown(call_id=next(self._call_ids)))
-                self._recv(timeout=Env.PEER_TIMEOUT_S)
+                # Results of steps still in flight come first; the worker exits after replying.
+                for _ in range(len(self._pending_steps) + 1):
+                    self._recv(timeout=Env.PEER_TIMEOUT_S)
+                self._pending_steps.clear()
             except (EngineDeadError, PeerGoneError, TimeoutError):
                 pass
         for proc in self.procs:

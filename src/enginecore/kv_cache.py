@@ -242,14 +242,19 @@ class KVCacheManager:
             # Reversed: a prefix's head is shared by more future requests than its tail.
             self.pool.free(reversed(blocks))
 
-    def cache_full_blocks(self, request: Request) -> None:
-        """Register the blocks that became full and computed since the last call."""
+    def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Register the blocks filled by the first `num_computed_tokens` tokens.
+
+        The caller passes the count a step result confirms: with async scheduling
+        `request.num_computed_tokens` also counts tokens of steps still in flight, whose KV is
+        not written yet and must not be offered to other requests.
+        """
         if not self.enable_prefix_caching:
             return
         blocks = self.req_blocks.get(request.request_id)
         if blocks is None:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
+        num_full = min(num_computed_tokens // self.block_size, len(blocks))
         start = self._num_registered.get(request.request_id, 0)
         if num_full <= start:
             return

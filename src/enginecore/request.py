@@ -1,11 +1,22 @@
 """`Request`: the engine core's view of one generation request.
 
-The scheduler's only invariant lives here: `num_computed_tokens` (tokens whose KV is in the cache)
-chases `num_tokens` (prompt + output). A prefix-cache hit starts it at the cached length;
-preemption by recompute resets it to 0; each step adds what was scheduled.
+The scheduler's only invariant lives here: `num_computed_tokens` (tokens whose KV is in the cache
+or being written by a step already sent) chases `num_tokens_with_placeholders`. A prefix-cache hit
+starts it at the cached length; preemption by recompute resets it to 0; each schedule() adds what
+it scheduled, before the step runs.
 
-    all_token_ids:  [ prompt ........................ | output ....... ]
-                      ^0          num_computed_tokens ^              ^ num_tokens
+Output placeholders (async scheduling). A step that schedules a request up to the end of its
+tokens makes the workers sample one token; until that step's result reaches `update()` the token
+is a placeholder: counted in `num_output_placeholders`, its id still unknown to the core. The
+workers already know it (they append each sampled token to their copy of the request), so the
+next step may compute it:
+
+    [ prompt ................. | output ............ | placeholders ]
+      ^0                                  num_tokens ^              ^ num_tokens_with_placeholders
+      |--- num_computed_tokens: KV computed, or computed by a step already sent --->|
+
+A decoding request with a step in flight has num_computed_tokens = num_tokens_with_placeholders
+- 1: the newest placeholder's KV is computed by the step after the one that samples it.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ class Request:
         "request_id", "client_index", "prompt_token_ids", "output_token_ids", "all_token_ids",
         "sampling", "priority", "arrival_time", "cache_salt", "status", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "num_prompt_logprobs_sent",
+        "num_output_placeholders",
     )
 
     def __init__(self, add: AddRequest) -> None:
@@ -56,6 +68,8 @@ class Request:
         self.cache_salt = add.cache_salt
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens sampled by steps in flight whose ids update() has not seen yet.
+        self.num_output_placeholders = 0
         self.num_cached_tokens = 0  # prefix-cache hit length at the first schedule
         # Chained hash of each full block of all_token_ids, filled lazily by KVCacheManager.
         self.block_hashes: list[bytes] = []
@@ -68,10 +82,25 @@ class Request:
         """Prompt + output tokens."""
         return len(self.all_token_ids)
 
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        """Prompt + output tokens, counting those sampled in flight whose ids are not known yet."""
+        return len(self.all_token_ids) + self.num_output_placeholders
+
     def append_output(self, token_id: int) -> None:
-        """Record one sampled token."""
+        """Record one sampled token, replacing the placeholder its step left."""
+        assert self.num_output_placeholders > 0, self
+        self.num_output_placeholders -= 1
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def at_output_limit(self, max_model_len: int) -> bool:
+        """True when outputs + placeholders already reach max_tokens or max_model_len, so
+        computing more tokens could only sample one past the end."""
+        max_tokens = self.sampling.max_tokens
+        num_output = len(self.output_token_ids) + self.num_output_placeholders
+        return ((max_tokens is not None and num_output >= max_tokens)
+                or self.num_tokens_with_placeholders >= max_model_len)
 
     def block_extra_keys(self, block_index: int) -> tuple[str | int, ...]:
         """Keys mixed into block `block_index`'s prefix-cache hash besides its tokens."""
@@ -110,6 +139,7 @@ class Request:
         """Back to waiting: its KV is gone, so everything is recomputed on resume."""
         self.status = RequestStatus.PREEMPTED
         self.num_computed_tokens = 0
+        self.num_output_placeholders = 0  # in-flight tokens are dropped and sampled again
 
     def finish(self, finish_reason: str) -> None:
         """Mark finished with a TokenDelta finish_reason (stop | length | abort | error)."""
@@ -117,4 +147,5 @@ class Request:
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.name}, "
-                f"computed={self.num_computed_tokens}/{self.num_tokens})")
+                f"computed={self.num_computed_tokens}/{self.num_tokens}"
+                f"+{self.num_output_placeholders})")

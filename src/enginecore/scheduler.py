@@ -10,6 +10,27 @@ whose computed + scheduled tokens reach `num_tokens`.
 
     schedule() -> ExecuteStep --> workers --> StepResult -> update(step, result) -> [TokenDelta]
 
+Async scheduling: steps may be in flight. schedule() advances `num_computed_tokens` at once and
+counts each token the step will sample as an output placeholder (see request.py), so the next
+schedule() can run before this step's result is back: a decoding request gets its next token
+scheduled every step although the token's id is known only to the workers yet. The engine core
+keeps one step in flight ahead (`async_scheduling`), or none; the scheduler works the same way
+either way:
+
+    schedule(N+1) -> send(N+1) -> receive(N) -> update(N) -> schedule(N+2) -> send(N+2) -> ...
+
+A request that leaves while steps are in flight (finished in update(N), aborted, preempted) is
+dropped from those steps' records, so their results for it are ignored: update(N+1) emits nothing
+for a request finished in update(N) (workers learn it is gone from the next step's `finished`),
+and a preempted request's in-flight token is dropped: it resumes from its real tokens and samples
+that token again (seeded sampling is keyed by output position). Its blocks are freed at once,
+although step N+1 may still write them. That is safe: workers run steps in order, so any later
+step that is handed such a block afresh runs after N+1 wrote it; and none of the blocks N+1 writes
+can be a prefix hit meanwhile, because only tokens a result vouches for are registered in the
+prefix cache (in update(), never in schedule()), so a block is never findable before its KV exists.
+While a running request's last token is in flight, its blocks will come back at the next update:
+a request short of blocks then waits a step rather than preempting anyone.
+
 Preemption by recompute: when a running request cannot get the blocks it needs, the last running
 request (fcfs) or the lowest-priority one (largest priority value, latest arrival) loses its
 blocks, drops to 0 computed tokens and goes back to the front of waiting. Workers are told to
@@ -44,6 +65,9 @@ from enginecore.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 _RUNNING = RequestStatus.RUNNING
+
+# An in-flight step's record: req_id -> (request, its num_computed_tokens before the step).
+_Scheduled = dict[str, tuple[Request, int]]
 
 
 class _StepPlan:
@@ -84,6 +108,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # in admission order (see _enqueue)
         self.running: list[Request] = []  # in batch order
         self._finished_ids: list[str] = []  # for the next step's `finished`
+        self._in_flight: dict[int, _Scheduled] = {}  # step_id -> who it computes, oldest first
         self._step_id = 0
         self._num_preemptions = 0
 
@@ -158,8 +183,14 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.finish(reason)
-        self.kv.free(request)
+        self.kv.free(request)  # safe with steps in flight: see the module docstring
+        self._forget_in_flight(request)
         del self.requests[request.request_id]
+
+    def _forget_in_flight(self, request: Request) -> None:
+        """Make update() ignore what the steps already sent computed for `request`."""
+        for scheduled in self._in_flight.values():
+            scheduled.pop(request.request_id, None)
 
     # ------------------------------------------------------------ schedule
 
@@ -178,7 +209,10 @@ class Scheduler:
                 break
             if request.status is not _RUNNING:  # preempted as a victim earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, plan.budget)
+            if request.at_output_limit(self.max_model_len):
+                continue  # its last token is already being sampled in flight
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens,
+                          plan.budget)
             if num_new <= 0:
                 continue
             block_ids = self._allocate_or_preempt(request, num_new, plan)
@@ -188,8 +222,12 @@ class Scheduler:
     def _allocate_or_preempt(self, request: Request, num_new: int,
                              plan: _StepPlan) -> list[int] | None:
         """New block ids for `num_new` more tokens, preempting until they fit; None if `request`
-        itself was preempted."""
+        itself was preempted, or must wait for blocks that finishing requests hold."""
         while (block_ids := self.kv.allocate_slots(request, num_new)) is None:
+            if any(r.at_output_limit(self.max_model_len) for r in self.running):
+                # Their last tokens are in flight: their blocks come back at the next update.
+                # Preempting anyone now would throw away work to save one step.
+                return None
             if self.sched_config.policy == "priority":
                 # reversed: among equals, the latest admitted goes first.
                 victim = max(reversed(self.running), key=lambda r: (r.priority, r.arrival_time))
@@ -203,6 +241,7 @@ class Scheduler:
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
         self.running.remove(request)
         self.kv.free(request)
+        self._forget_in_flight(request)  # its in-flight token is dropped
         request.preempt()
         self._enqueue(request, front=True)
         self._finished_ids.append(request.request_id)
@@ -237,6 +276,7 @@ class Scheduler:
         new: list[NewReq] = []
         cached = CachedReqs(req_ids=[], new_block_ids=[], num_computed_tokens=[])
         num_scheduled: dict[str, int] = {}
+        scheduled: _Scheduled = {}
         for request in self.running:
             req_id = request.request_id
             if req_id not in plan.num_scheduled:
@@ -252,7 +292,12 @@ class Scheduler:
                 cached.req_ids.append(req_id)
                 cached.new_block_ids.append(plan.new_block_ids[req_id])
                 cached.num_computed_tokens.append(request.num_computed_tokens)
+            scheduled[req_id] = (request, request.num_computed_tokens)
+            request.num_computed_tokens += num_scheduled[req_id]
+            if request.num_computed_tokens == request.num_tokens_with_placeholders:
+                request.num_output_placeholders += 1  # the workers sample one token here
         self._step_id += 1
+        self._in_flight[self._step_id] = scheduled
         step = ExecuteStep(self._step_id, new, cached, num_scheduled, finished=self._finished_ids)
         self._finished_ids = []
         return step
@@ -261,27 +306,22 @@ class Scheduler:
 
     def update(self, step: ExecuteStep, result: StepResult) -> list[TokenDelta]:
         """Apply a step's result: one delta per sampled token or prompt-logprob chunk."""
-        # num_computed_tokens before this step, for the requests still running it (not aborted).
-        chunk_starts: dict[str, int] = {}
-        for req_id, num_tokens in step.num_scheduled_tokens.items():
-            request = self.requests.get(req_id)
-            if request is None or request.status is not _RUNNING:  # aborted meanwhile
-                continue
-            chunk_starts[req_id] = request.num_computed_tokens
-            request.num_computed_tokens += num_tokens
-            self.kv.cache_full_blocks(request)
+        # Requests that left since the step was sent are no longer in its record: skipped.
+        scheduled = self._in_flight.pop(step.step_id)
+        for req_id, (request, start) in scheduled.items():
+            self.kv.cache_full_blocks(request, start + step.num_scheduled_tokens[req_id])
 
         prompt_logprobs = dict(result.prompt_logprobs or {})
         outputs = []
         for i, (req_id, token) in enumerate(zip(result.req_ids, result.sampled, strict=True)):
-            if req_id not in chunk_starts:
+            if req_id not in scheduled:
                 continue
-            request = self.requests[req_id]
+            request, start = scheduled[req_id]
             request.append_output(token)
             delta = TokenDelta(
                 req_id, [token], logprobs=result.logprobs[i] if result.logprobs else None,
                 prompt_logprobs=self._new_prompt_logprobs(
-                    request, prompt_logprobs.pop(req_id, None), chunk_starts[req_id]),
+                    request, prompt_logprobs.pop(req_id, None), start),
                 num_cached_tokens=request.num_cached_tokens)
             stop = request.check_stop(self.eos_token_ids, self.max_model_len)
             if stop is not None:
@@ -290,10 +330,10 @@ class Scheduler:
             outputs.append(delta)
 
         for req_id, rows in prompt_logprobs.items():  # partial prefill chunks: no token yet
-            if req_id not in chunk_starts:
+            if req_id not in scheduled:
                 continue
-            request = self.requests[req_id]
-            rows = self._new_prompt_logprobs(request, rows, chunk_starts[req_id])
+            request, start = scheduled[req_id]
+            rows = self._new_prompt_logprobs(request, rows, start)
             if rows is not None:
                 outputs.append(TokenDelta(req_id, [], prompt_logprobs=rows,
                                           num_cached_tokens=request.num_cached_tokens))

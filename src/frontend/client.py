@@ -105,6 +105,7 @@ class AsyncEngine:
                 msg = core_output_decoder.decode(await self.output.recv())
                 if isinstance(msg, CoreReady):
                     self.ready = msg
+                    self.processor.max_model_len = msg.max_model_len
                 elif msg.engine_error:
                     raise EngineDeadError(msg.engine_error)
         self._output_task = asyncio.create_task(self._output_loop())

@@ -45,6 +45,8 @@ def start_engine_core(config: EngineConfig, num_clients: int = 1) -> CoreHandle:
     output_addrs = [f"ipc://{ipc_dir}/out{i}" for i in range(num_clients)]
     cmd = [sys.executable, "-m", "enginecore", "--config", config.to_json(),
            "--input-addr", input_addr, "--output-addrs", *output_addrs]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    # Its own process group: a terminal's Ctrl-C reaches only our process, which stops the core
+    # (and the core its workers) in order; the core still exits when our process dies.
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, process_group=0)
     return CoreHandle(proc=proc, input_addr=input_addr, output_addrs=output_addrs,
                       ipc_dir=ipc_dir)

@@ -25,6 +25,8 @@ class Processor:
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = config.model.vocab_size
+        # The engine's limit: the model's, capped at what the KV cache holds (CoreReady).
+        self.max_model_len = config.model.max_model_len
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Return (prompt text if any, prompt token ids)."""
@@ -44,7 +46,7 @@ class Processor:
                      params: SamplingParams, *, client_index: int = 0, priority: int = 0,
                      cache_salt: str | None = None) -> AddRequest:
         """Validate and build the engine request; `params.n` must already be 1."""
-        max_len = self.config.model.max_model_len
+        max_len = self.max_model_len
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
         if len(prompt_token_ids) >= max_len:

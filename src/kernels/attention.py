@@ -22,16 +22,21 @@ KV cache layout, one tensor per layer:
 A sequence's context is the concatenation of its blocks in `block_tables[b]` order; its new tokens
 are the LAST q_len positions of that context, and their K/V are stored before attention runs.
 
-Attention runs one of two kernels, picked on the host from `max_query_len`:
+Attention kernels, picked on the host from `max_query_len` (an int, so no device sync):
 
-    prefill (max_query_len > 1)   grid (q tiles, B, Hkv). A program owns BLOCK_M rows = BLOCK_M/G'
-        query tokens x the G' (G rounded up to a power of two) query heads of one kv head, so every
-        K/V tile is read once for the whole group and fed to tl.dot; online softmax in base 2.
-    decode (max_query_len <= 1)   grid (B, Hkv, X). Split-KV: program x attends to the x-th
-        chunk of the context and writes a partial output + log-sum-exp; a reduce kernel (grid
-        (B, Hq)) merges the X partials. Chunk bounds come from seq_lens read on the device and X
-        depends only on (B, Hkv), so a decode step can be captured in a CUDA graph; padded rows
-        (q_len 0 or seq_len 0) write nothing.
+    prefill   grid (T // BLOCK_Q + B, Hkv): every q tile of every sequence (found by binary
+        search over query_start_loc), latest tiles first. A program owns BLOCK_M rows =
+        BLOCK_M/G' query tokens x the G' (G rounded up to a power of two) query heads of one kv
+        head, so every K/V tile is read once for the whole group and fed to tl.dot; online
+        softmax in base 2; keys before the tile's first query skip the causal mask.
+    decode    grid (B, Hkv, X), rows with q_len == 1 only. Split-KV (flash-decoding): program x
+        attends to the x-th chunk of the context and writes a partial output + log-sum-exp; a
+        reduce kernel (grid (B, Hq)) merges the X partials (skipped when X == 1). Chunk bounds
+        come from seq_lens read on the device and X depends only on (B, Hkv), so a decode step
+        can be captured in a CUDA graph; padded rows (q_len 0 or seq_len 0) write nothing.
+
+    max_query_len <= 1: decode only. B == 1: prefill only. Otherwise (mixed batches, chunked
+    prefill next to decodes) both run, the prefill kernel skipping q_len == 1 rows.
 """
 
 from __future__ import annotations
@@ -54,25 +59,26 @@ class AttnTile(NamedTuple):
     num_stages: int
 
 
-# Tuned on an H100 (docs/kernels.md); keyed by (head_dim, dtype). Tiny head dims exist for tests.
+# Keyed by (head_dim, dtype). bf16/fp16 at D=128 tuned on an H100 (docs/kernels.md); D=64 reuses
+# those shapes untuned; fp32 is a correctness path; D 16/32 exist for tests.
 PREFILL_TILES: dict[tuple[int, torch.dtype], AttnTile] = {
     **{(d, dt): AttnTile(16, 16, 2, 1) for d in (16, 32)
        for dt in (torch.float16, torch.bfloat16, torch.float32)},
-    (64, torch.float16): AttnTile(128, 64, 4, 3),
-    (64, torch.bfloat16): AttnTile(128, 64, 4, 3),
+    (64, torch.float16): AttnTile(64, 64, 4, 3),
+    (64, torch.bfloat16): AttnTile(64, 64, 4, 3),
     (64, torch.float32): AttnTile(64, 32, 4, 2),
-    (128, torch.float16): AttnTile(128, 64, 8, 3),
-    (128, torch.bfloat16): AttnTile(128, 64, 8, 3),
+    (128, torch.float16): AttnTile(128, 128, 8, 3),
+    (128, torch.bfloat16): AttnTile(128, 128, 8, 3),
     (128, torch.float32): AttnTile(32, 32, 4, 2),
 }
 DECODE_TILES: dict[tuple[int, torch.dtype], AttnTile] = {
     **{(d, dt): AttnTile(16, 16, 2, 1) for d in (16, 32)
        for dt in (torch.float16, torch.bfloat16, torch.float32)},
-    (64, torch.float16): AttnTile(16, 64, 4, 3),
-    (64, torch.bfloat16): AttnTile(16, 64, 4, 3),
+    (64, torch.float16): AttnTile(16, 64, 2, 4),
+    (64, torch.bfloat16): AttnTile(16, 64, 2, 4),
     (64, torch.float32): AttnTile(16, 32, 4, 2),
-    (128, torch.float16): AttnTile(16, 64, 4, 3),
-    (128, torch.bfloat16): AttnTile(16, 64, 4, 3),
+    (128, torch.float16): AttnTile(16, 64, 2, 4),
+    (128, torch.bfloat16): AttnTile(16, 64, 2, 4),
     (128, torch.float32): AttnTile(16, 32, 4, 2),
 }
 # Decode splits the KV of each (sequence, kv head) until about this many programs per SM exist.
@@ -221,36 +227,57 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, k
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale  # [M, BLOCK_N]
+    s = tl.dot(q, k, input_precision=DOT_PREC)  # [M, BLOCK_N], unscaled
     if MASK == 1:
         s = tl.where(key_ok[None, :], s, float("-inf"))
     if MASK == 2:
         s = tl.where((keys[None, :] <= q_pos[:, None]) & key_ok[None, :], s, float("-inf"))
     # Every row sees >= 1 key in its first tile (callers order the ranges so), hence m_new is
     # finite and exp2 never sees (-inf) - (-inf).
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # m is kept scaled so that s * qk_scale - m is one FMA (qk_scale > 0 commutes with max).
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
 @triton.jit
+def _find_seq(qsl_ptr, num_seqs, global_tile, BLOCK_Q: tl.constexpr):
+    # Binary search: the last sequence b with qsl[b] // BLOCK_Q + b <= global_tile.
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= global_tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
-                    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_seqs,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+                    INTERPRET: tl.constexpr, SKIP_DECODE: tl.constexpr):
     # Row r of the tile = query token tile*BLOCK_Q + r // GROUP_PAD, head kv_head*G + r % GROUP_PAD.
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
-    tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    # Axis 0 enumerates the q tiles of all sequences: sequence b owns the global tiles from
+    # qsl[b] // BLOCK_Q + b on (strictly increasing in b, never overlapping), so T // BLOCK_Q + B
+    # programs cover every sequence whatever the mix of lengths. Reversed: a sequence's later
+    # tiles see more keys (causal), so they start first and the tail is shorter.
+    global_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(qsl_ptr, num_seqs, global_tile, BLOCK_Q)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
-    if tile * BLOCK_Q >= q_len:  # grid is sized by max_query_len
+    tile = global_tile - (q_start // BLOCK_Q + seq)
+    # Single-token rows go to the decode kernel instead when the launcher runs both.
+    if (tile * BLOCK_Q >= q_len) | (SKIP_DECODE & (q_len == 1)):
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     rows = tl.arange(0, BLOCK_M)
@@ -307,7 +334,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
     chunk, start = _split_bounds(seq_len, split, NUM_SPLITS, BLOCK_N)
-    if (q_len == 0) | (start >= seq_len):  # padded row, or this split is past the context
+    # Only single-token rows: padded rows (q_len 0) and prefill rows of a mixed batch skip.
+    if (q_len != 1) | (start >= seq_len):
         return
     end = tl.minimum(start + chunk, seq_len)
     rows = tl.arange(0, BLOCK_M)
@@ -348,7 +376,7 @@ def _decode_reduce_kernel(out_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, seq_lens
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
-    if (q_len == 0) | (seq_len == 0):
+    if (q_len != 1) | (seq_len == 0):
         return
     chunk, _ = _split_bounds(seq_len, 0, NUM_SPLITS, BLOCK_N)
     splits = tl.arange(0, NUM_SPLITS)
@@ -398,56 +426,78 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
                     num_splits: int | None = None) -> torch.Tensor:
     """Triton `paged_attention_ref` -> out [T, Hq, D]; rows of sequences with q_len 0 untouched.
 
-    max_query_len (host int) picks prefill (> 1) or split-KV decode (<= 1); num_splits overrides
-    the decode split count (a power of two; tests), which otherwise depends only on (B, Hkv).
+    max_query_len (host int) picks the kernels (module docstring); num_splits overrides the
+    decode split count (a power of two; tests), which otherwise depends only on (B, Hkv).
     """
-    num_tokens, num_heads, head_dim = query.shape
-    _, _, block_size, num_kv_heads, _ = kv_cache.shape
-    num_seqs = seq_lens.shape[0]
     _check_attention_args(query, kv_cache, query_start_loc, seq_lens, block_tables)
     if out is None:
         out = torch.empty_like(query)
     assert out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1
-    if num_tokens == 0 or num_seqs == 0:
+    num_seqs = seq_lens.shape[0]
+    if query.shape[0] == 0 or num_seqs == 0:
         return out
-    group = num_heads // num_kv_heads
-    table = (PREFILL_TILES if max_query_len > 1 else DECODE_TILES)[(head_dim, query.dtype)]
-    # CPU tensors only run under TRITON_INTERPRET=1; the interpreter computes garbage on bf16,
-    # so upcast right after each load there.
-    interpret = query.device.type == "cpu"
-    upcast = interpret and query.dtype == torch.bfloat16
-    common = dict(
-        qk_scale=scale * _LOG2E, stride_qt=query.stride(0), stride_qh=query.stride(1),
-        stride_ot=out.stride(0), stride_oh=out.stride(1), stride_bt=block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=table.block_n, UPCAST=upcast, INTERPRET=interpret,
-        DOT_PREC="ieee" if upcast or query.dtype == torch.float32 else "tf32",
-        num_warps=table.num_warps, num_stages=table.num_stages)
-    caches = (kv_cache[0], kv_cache[1])
+    metadata = (query_start_loc, seq_lens, block_tables)
+    # A mixed batch runs both kernels, each skipping the other's rows: decode rows inside the
+    # prefill kernel would fill 1 token of a BLOCK_M tile and get no KV split.
+    mixed = max_query_len > 1 and num_seqs > 1
     if max_query_len > 1:
-        group_pad = triton.next_power_of_2(group)
-        block_m = max(table.block_m, group_pad)
-        grid = (triton.cdiv(max_query_len, block_m // group_pad), num_seqs, num_kv_heads)
-        _prefill_kernel[grid](query, *caches, out, query_start_loc, seq_lens, block_tables,
-                              GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, **common)
-        return out
-    splits = num_splits or _decode_splits(num_seqs, num_kv_heads, query.device)
-    assert splits == triton.next_power_of_2(splits)
+        _launch_prefill(query, kv_cache, out, metadata, scale, skip_decode=mixed)
+    if max_query_len <= 1 or mixed:
+        splits = num_splits or _decode_splits(num_seqs, kv_cache.shape[3], query.device)
+        _launch_decode(query, kv_cache, out, metadata, scale, splits)
+    return out
+
+
+def _launch_prefill(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
+                    metadata: tuple[torch.Tensor, ...], scale: float, skip_decode: bool) -> None:
+    tile = PREFILL_TILES[(query.shape[2], query.dtype)]
+    group = query.shape[1] // kv_cache.shape[3]
+    group_pad = triton.next_power_of_2(group)
+    block_m = max(tile.block_m, group_pad)
+    num_seqs = metadata[1].shape[0]
+    grid = (query.shape[0] // (block_m // group_pad) + num_seqs, kv_cache.shape[3])
+    _prefill_kernel[grid](query, kv_cache[0], kv_cache[1], out, *metadata, num_seqs=num_seqs,
+                          GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m,
+                          SKIP_DECODE=skip_decode, **_launch_args(query, kv_cache, out, metadata,
+                                                                  scale, tile))
+
+
+def _launch_decode(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
+                   metadata: tuple[torch.Tensor, ...], scale: float, splits: int) -> None:
+    assert splits == triton.next_power_of_2(splits), splits
+    tile = DECODE_TILES[(query.shape[2], query.dtype)]
+    num_seqs, (_, num_heads, head_dim) = metadata[1].shape[0], query.shape
     if splits == 1:
         part_out = part_lse = out  # unused: the kernel writes `out` directly
     else:
         part_out = query.new_empty((num_seqs, num_heads, splits, head_dim), dtype=torch.float32)
         part_lse = query.new_empty((num_seqs, num_heads, splits), dtype=torch.float32)
-    _decode_kernel[(num_seqs, num_kv_heads, splits)](
-        query, *caches, out, part_out, part_lse, query_start_loc, seq_lens, block_tables,
+    group = num_heads // kv_cache.shape[3]
+    _decode_kernel[(num_seqs, kv_cache.shape[3], splits)](
+        query, kv_cache[0], kv_cache[1], out, part_out, part_lse, *metadata,
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits,
-        **common)
+        **_launch_args(query, kv_cache, out, metadata, scale, tile))
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, part_out, part_lse, query_start_loc, seq_lens, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_N=table.block_n, NUM_SPLITS=splits,
+            out, part_out, part_lse, metadata[0], metadata[1], out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_N=tile.block_n, NUM_SPLITS=splits,
             num_warps=1 if head_dim <= 64 else 2)
-    return out
+
+
+def _launch_args(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
+                 metadata: tuple[torch.Tensor, ...], scale: float, tile: AttnTile) -> dict:
+    """Arguments shared by the prefill and decode kernels."""
+    # CPU tensors only run under TRITON_INTERPRET=1; the interpreter computes garbage on bf16,
+    # so upcast right after each load there.
+    interpret = query.device.type == "cpu"
+    upcast = interpret and query.dtype == torch.bfloat16
+    return dict(
+        qk_scale=scale * _LOG2E, stride_qt=query.stride(0), stride_qh=query.stride(1),
+        stride_ot=out.stride(0), stride_oh=out.stride(1), stride_bt=metadata[2].stride(0),
+        NUM_KV_HEADS=kv_cache.shape[3], HEAD_DIM=query.shape[2], BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_N=tile.block_n, UPCAST=upcast, INTERPRET=interpret,
+        DOT_PREC="ieee" if upcast or query.dtype == torch.float32 else "tf32",
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
 
 
 def _decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.attention import paged_attention_ref, store_kv_ref, varlen_attention_ref
+from kernels.attention import (
+    paged_attention,
+    paged_attention_ref,
+    store_kv,
+    store_kv_ref,
+    varlen_attention_ref,
+)
 
 
 @dataclass
@@ -79,7 +85,12 @@ class Attention(nn.Module):
         if self.kv_cache.numel() == 0:
             # No cache yet: every sequence is a fresh prefill of exactly its new tokens.
             out = varlen_attention_ref(q, k, v, meta.query_start_loc, self.scale)
+        elif q.is_cuda:
+            store_kv(k, v, self.kv_cache, meta.slot_mapping)
+            out = paged_attention(q, self.kv_cache, meta.query_start_loc, meta.seq_lens,
+                                  meta.block_tables, self.scale, meta.max_query_len)
         else:
+            # CPU runs (tests, no GPU): the torch references, no Triton interpreter.
             store_kv_ref(k, v, self.kv_cache, meta.slot_mapping)
             out = paged_attention_ref(q, self.kv_cache, meta.query_start_loc, meta.seq_lens,
                                       meta.block_tables, self.scale)

@@ -22,7 +22,7 @@ def compute_all(kv: KVCacheManager, request: Request) -> list[int]:
     new_ids = kv.allocate_slots(request, request.num_tokens)
     assert new_ids is not None
     request.num_computed_tokens = request.num_tokens
-    kv.cache_full_blocks(request)
+    kv.cache_full_blocks(request, request.num_tokens)
     return new_ids
 
 
@@ -204,11 +204,11 @@ def test_cache_full_blocks_registers_only_computed_full_blocks():
     req = make_request("a", list(range(10)))
     assert kv.allocate_slots(req, 6) is not None
     req.num_computed_tokens = 6  # a partial prefill chunk: one full block
-    kv.cache_full_blocks(req)
+    kv.cache_full_blocks(req, 6)
     assert len(kv.pool.cached) == 1
     assert kv.allocate_slots(req, 4) is not None
     req.num_computed_tokens = 10
-    kv.cache_full_blocks(req)
+    kv.cache_full_blocks(req, 10)
     assert len(kv.pool.cached) == 2 and len(req.block_hashes) == 2
     kv.free(req)
 

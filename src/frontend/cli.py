@@ -1,0 +1,137 @@
+"""The `python -m frontend serve` command line, generated from the config structs.
+
+`ServerConfig` (defined here: the HTTP settings the launcher hands every API server) and the
+sub-structs of `EngineConfig` (`ModelConfig`, `CacheConfig`, `SchedulerConfig`, `ParallelConfig`)
+are the single source of the flags. Every field becomes a vLLM-style flag (`max_num_seqs` ->
+`--max-num-seqs`); booleans get a `--no-` twin, `Literal` fields get choices, and the field's
+trailing comment (or the comment lines just above it) becomes the help text. Engine flags default
+to None, so only what the user set reaches `EngineConfig.create`, whose struct defaults fill the
+rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+from typing import Any
+
+import msgspec
+
+from enginecore.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """HTTP settings of the API servers (the `serve` flags that are not engine flags)."""
+
+    host: str = "0.0.0.0"  # address to listen on
+    port: int = 8000  # 0: any free port (the launcher logs the one it got)
+    api_server_count: int = 1  # API server processes sharing the listening socket
+    api_key: str | None = None  # clients must send `Authorization: Bearer KEY` on /v1/*
+    served_model_name: list[str] = []  # model names clients may use (default: the model path)
+    chat_template: str | None = None  # jinja file or inline template replacing the tokenizer's
+    enable_log_requests: bool = False  # log each request's prompt and sampling parameters
+    max_log_len: int | None = None  # prompt characters / token ids logged per request
+
+    def validate(self) -> None:
+        """Raise ValueError naming a bad field."""
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.api_server_count < 1:
+            raise ValueError(f"api_server_count must be >= 1, got {self.api_server_count}")
+
+
+ENGINE_STRUCTS: tuple[type[msgspec.Struct], ...] = (
+    ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+# Filled from the checkpoint (or positional), never flags.
+_NOT_FLAGS = {"model", "architecture", "vocab_size", "eos_token_ids"}
+# vLLM's flag names where they differ from the field name.
+_FLAG_NAMES = {
+    "policy": ["--scheduling-policy"],
+    "tensor_parallel_size": ["--tensor-parallel-size", "-tp"],
+}
+_FIELD_LINE = re.compile(r"\s+(\w+):[^#]*(?:#\s*(.*))?$")
+_COMMENT_LINE = re.compile(r"\s+#\s*(.*)$")
+
+
+def field_comments(struct: type) -> dict[str, str]:
+    """Field name -> its comment in the struct's source (trailing, else the lines above)."""
+    try:
+        source = inspect.getsource(struct)
+    except (OSError, TypeError):
+        return {}
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in source.splitlines()[1:]:
+        if m := _COMMENT_LINE.match(line):
+            above.append(m[1])
+        elif m := _FIELD_LINE.match(line):
+            text = m[2] or " ".join(above)
+            if text:
+                comments[m[1]] = text
+            above = []
+        else:
+            above = []
+    return comments
+
+
+def _add_struct_flags(group: argparse._ArgumentGroup, struct: type[msgspec.Struct],
+                      engine: bool) -> list[str]:
+    """Add one flag per field of `struct`; return the dests added."""
+    helps = field_comments(struct)
+    dests = []
+    for f in msgspec.inspect.type_info(struct).fields:
+        if f.name in _NOT_FLAGS:
+            continue
+        kind = f.type
+        if isinstance(kind, msgspec.inspect.UnionType):  # `X | None`
+            kind = next(t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType))
+        default = None if f.default is msgspec.NODEFAULT else f.default
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None if engine else default}
+        text = helps.get(f.name, "")
+        if "default" not in text:
+            text = f"{text} (default: {default})" if text else f"default: {default}"
+        kwargs["help"] = text
+        if isinstance(kind, msgspec.inspect.BoolType):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(kind, msgspec.inspect.LiteralType):
+            kwargs["choices"] = list(kind.values)
+        elif isinstance(kind, msgspec.inspect.ListType):
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = {msgspec.inspect.IntType: int,
+                              msgspec.inspect.FloatType: float}.get(type(kind), str)
+        flags = _FLAG_NAMES.get(f.name, ["--" + f.name.replace("_", "-")])
+        group.add_argument(*flags, **kwargs)
+        dests.append(f.name)
+    return dests
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
+    """The `serve` parser plus the dests of its engine flags and of its server flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m frontend serve",
+        description="Serve a model with an OpenAI-compatible HTTP API.")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="HF checkpoint directory (default: the bundled demo model, built "
+                             "once into the cache directory)")
+    engine_dests: list[str] = []
+    for struct in ENGINE_STRUCTS:
+        group = parser.add_argument_group(struct.__name__)
+        engine_dests += _add_struct_flags(group, struct, engine=True)
+    server_group = parser.add_argument_group("ServerConfig")
+    server_dests = _add_struct_flags(server_group, ServerConfig, engine=False)
+    return parser, engine_dests, server_dests
+
+
+def parse_serve_args(argv: list[str]) -> tuple[str | None, dict[str, Any], ServerConfig]:
+    """argv (after `serve`) -> (model or None, engine kwargs that were set, ServerConfig)."""
+    parser, engine_dests, server_dests = build_parser()
+    args = parser.parse_args(argv)
+    engine_kwargs = {d: getattr(args, d) for d in engine_dests if getattr(args, d) is not None}
+    try:
+        server = ServerConfig(**{d: v for d in server_dests if (v := getattr(args, d)) is not None})
+        server.validate()
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+    return args.model, engine_kwargs, server

@@ -1,0 +1,199 @@
+"""`OpenAIServer`: the OpenAI-compatible HTTP API (aiohttp) over one `AsyncEngine`.
+
+    POST /v1/completions, /v1/chat/completions   generate (`frontend/serving.py`); SSE with `stream`
+    GET  /v1/models                              the served model names
+    POST /tokenize, /detokenize                  the tokenizer (vLLM's request shapes)
+    GET  /health (503 once the engine is dead), /version, /metrics (Prometheus)
+    POST /reset_prefix_cache
+
+Every failure answers OpenAI's error JSON {"error": {"message", "type", "param", "code"}}: 400 for
+bad JSON, wrong types and invalid values (any ValueError: msgspec's, the Processor's,
+SamplingParams'), 401 for a bad API key (on /v1/* only), 404 for an unknown model or route, 405 for
+a wrong method, 413 for a body over the size limit, 503 once the engine is dead; a 500 only for a
+bug of ours. Requests run in handlers that aiohttp cancels when the client disconnects
+(`handler_cancellation=True` on the runner), which aborts their engine requests.
+
+Embedding: `OpenAIServer(engine, ServerConfig()).app` is an ordinary aiohttp application over an
+`AsyncEngine`; `python -m frontend serve` runs one in each API-server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.metadata
+import logging
+import re
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from frontend import openai as api
+from frontend.cli import ServerConfig
+from frontend.client import AsyncEngine, EngineDeadError
+from frontend.metrics import ServerMetrics
+from frontend.serving import APIError, OpenAIServing
+
+logger = logging.getLogger("frontend.server")
+
+MAX_BODY_BYTES = 16 << 20  # larger request bodies are answered 413
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                405: "MethodNotAllowedError", 413: "RequestTooLargeError",
+                503: "ServiceUnavailableError"}
+# Where a ValueError message names the offending field: msgspec paths, SamplingParams, "field: ".
+_PARAM_RES = (re.compile(r"at `\$\.(\w+)"), re.compile(r"required field `(\w+)`"),
+              re.compile(r"^SamplingParams\.(\w+) "), re.compile(r"^(\w+): "))
+
+
+def error_response(status: int, message: str, param: str | None = None) -> web.Response:
+    """OpenAI-style error body with `code` = the HTTP status."""
+    body = api.ErrorResponse.create(message, _ERROR_TYPES.get(status, "InternalServerError"),
+                                    status, param)
+    return web.json_response(body=api.json_encoder.encode(body), status=status)
+
+
+def _param_of(message: str) -> str | None:
+    for pattern in _PARAM_RES:
+        if m := pattern.search(message):
+            return m[1]
+    return None
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """Body of POST /tokenize: a `prompt`, or chat `messages` rendered with the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[api.ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    """Body of POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class OpenAIServer:
+    """Routes, middlewares and the small endpoints; `app` is the aiohttp application to run."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig,
+                 metrics_dir: str | None = None):
+        self.engine = engine
+        self.config = config
+        name = (config.served_model_name or [engine.config.model.model])[0]
+        self.metrics = ServerMetrics(name, lambda: engine.stats, metrics_dir)
+        self.tokenizer = engine.tokenizer
+        self.serving = OpenAIServing(engine, config, self.metrics)
+        self.created = int(time.time())
+        self._auth = None if config.api_key is None else f"Bearer {config.api_key}".encode()
+        self.app = web.Application(middlewares=[self._errors, self._check_key],
+                                   client_max_size=MAX_BODY_BYTES)
+        self.app.add_routes([
+            web.post("/v1/completions", self.serving.completions),
+            web.post("/v1/chat/completions", self.serving.chat_completions),
+            web.get("/v1/models", self.models), web.post("/tokenize", self.tokenize),
+            web.post("/detokenize", self.detokenize), web.get("/health", self.health),
+            web.get("/version", self.version), web.get("/metrics", self.metrics_endpoint),
+            web.post("/reset_prefix_cache", self.reset_prefix_cache),
+        ])
+
+    # ------------------------------------------------------------ middlewares
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except APIError as e:
+            return error_response(e.status, str(e), e.param)
+        except web.HTTPException as e:  # the router's 404 / 405, aiohttp's 413
+            if e.status < 400:
+                raise
+            message = f"{e.reason}: {request.method} {request.path}"
+            return error_response(e.status, message if e.status in (404, 405) else e.text or "")
+        except EngineDeadError as e:
+            return error_response(503, f"The engine is dead: {e}")
+        except ValueError as e:  # msgspec's errors (and UnicodeDecodeError) are ValueErrors too
+            if isinstance(e, UnicodeDecodeError | msgspec.DecodeError) and \
+                    not isinstance(e, msgspec.ValidationError):
+                return error_response(400, f"Invalid JSON body: {e}")
+            return error_response(400, str(e), _param_of(str(e)))
+        except Exception:
+            logger.exception("error handling %s %s", request.method, request.path)
+            return error_response(500, "Internal server error")
+
+    @web.middleware
+    async def _check_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self._auth is not None and request.path.startswith("/v1"):
+            got = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(got, self._auth):  # constant time: no key-guessing clock
+                raise APIError(401, "Invalid or missing API key")
+        return await handler(request)
+
+    # ------------------------------------------------------------ small endpoints
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.engine.dead:
+            raise APIError(503, f"The engine is dead: {self.engine.dead}")
+        return web.Response()
+
+    async def version(self, request: web.Request) -> web.Response:
+        try:
+            version = importlib.metadata.version("tinyllm-serve")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        return web.json_response({"version": version})
+
+    async def models(self, request: web.Request) -> web.Response:
+        root = self.engine.config.model.model
+        cards = [api.ModelCard(id=name, created=self.created, root=root,
+                               max_model_len=self.serving.max_model_len)
+                 for name in self.serving.model_names]
+        return web.json_response(body=api.json_encoder.encode(api.ModelList(data=cards)))
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        if not self.engine.dead:  # fresh engine-wide stats (KV usage, queues) for the scrape
+            try:
+                await asyncio.wait_for(self.engine.get_stats(), 5.0)
+            except (EngineDeadError, TimeoutError):
+                pass
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        return web.json_response({"success": await self.engine.reset_prefix_cache()})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        req = msgspec.json.decode(await request.read(), type=TokenizeRequest)
+        self.serving.model_name(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ValueError("prompt: give exactly one of prompt and messages")
+        if req.messages is not None:
+            chat = api.ChatCompletionRequest(
+                messages=req.messages, add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
+                add_special_tokens=bool(req.add_special_tokens))
+            ids = self.serving.chat_prompt(chat).token_ids
+        else:
+            special = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = self.tokenizer.encode(req.prompt or "", add_special_tokens=special)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return web.json_response({"count": len(ids), "max_model_len": self.serving.max_model_len,
+                                  "tokens": ids, "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        req = msgspec.json.decode(await request.read(), type=DetokenizeRequest)
+        self.serving.model_name(req.model)
+        vocab = self.engine.config.model.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise ValueError(f"tokens: ids must be in [0, {vocab})")
+        return web.json_response({"prompt": self.tokenizer.decode(req.tokens)})
