@@ -35,7 +35,7 @@ def main() -> None:
                               max_num_seqs=max(bs, 1), max_num_batched_tokens=max(8192, bs))
     runner = ModelRunner(cfg, torch.device("cuda"), torch.bfloat16)
     block = cfg.cache.block_size
-    per_req = (ctx + args.steps + block) // block + 1
+    per_req = (ctx + 3 * args.steps + 8 + block) // block  # room for every step below
     runner.init_kv_cache(bs * per_req + 1)
     params = SamplingParams(temperature=args.temperature, max_tokens=4096, ignore_eos=True)
     ids = [f"r{i}" for i in range(bs)]
