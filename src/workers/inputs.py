@@ -11,7 +11,6 @@ M block-table columns (<= max_blocks_per_req).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from workers.attention import AttnMetadata
@@ -71,17 +70,3 @@ class InputBuffers:
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
         )
-
-    def fill_request(self, row: int, offset: int, token_ids: list[int], start: int,
-                     block_ids: np.ndarray, block_size: int) -> int:
-        """Write one request's new tokens at `offset`; return the offset after them."""
-        n = len(token_ids)
-        end = offset + n
-        self.input_ids[offset:end] = token_ids
-        pos = np.arange(start, start + n, dtype=np.int64)
-        self.positions[offset:end] = pos
-        self.slot_mapping[offset:end] = block_ids[pos // block_size] * block_size + pos % block_size
-        self.query_start_loc[row + 1] = end
-        self.seq_lens[row] = start + n
-        self.block_tables[row, : len(block_ids)] = block_ids
-        return end

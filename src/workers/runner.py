@@ -22,6 +22,7 @@ from enginecore.protocol import ExecuteStep, NewReq, StepResult, TokenLogprobs
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from workers.attention import AttnMetadata, set_forward_context
+from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
 from workers.models import load_model
@@ -34,29 +35,23 @@ class CachedRequestState:
     req_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    block_ids: list[int]
     num_computed_tokens: int
+    row: int  # this request's row in the runner's BlockTable
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    block_arr: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
-
-    def __post_init__(self) -> None:
-        self.block_arr = np.asarray(self.block_ids, dtype=np.int32)
-
-    def add_blocks(self, block_ids: list[int]) -> None:
-        if block_ids:
-            self.block_ids.extend(block_ids)
-            self.block_arr = np.asarray(self.block_ids, dtype=np.int32)
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without concatenating the two lists."""
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p: end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
 
 @dataclass
@@ -86,6 +81,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         sched = config.scheduler
         self.max_blocks_per_req = -(-config.model.max_model_len // self.block_size)
+        # Async scheduling can briefly hold finished requests next to new ones: twice the seqs.
+        self.block_table = BlockTable(2 * sched.max_num_seqs, self.max_blocks_per_req,
+                                      self.block_size)
         self.buffers = InputBuffers(max(sched.max_num_batched_tokens, sched.max_num_seqs),
                                     sched.max_num_seqs, self.max_blocks_per_req, device)
         self.graphs: CudaGraphs | None = None
@@ -146,14 +144,16 @@ class ModelRunner:
 
     def _update_states(self, step: ExecuteStep) -> None:
         for req_id in step.finished:
-            self.requests.pop(req_id, None)
+            state = self.requests.pop(req_id, None)
+            if state is not None:
+                self.block_table.free_row(state.row)
         for new in step.new:
             self.requests[new.req_id] = self._new_state(new)
         cached = step.cached
         for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
                                                    cached.num_computed_tokens, strict=True):
             state = self.requests[req_id]
-            state.add_blocks(block_ids)
+            self.block_table.append(state.row, block_ids)
             state.num_computed_tokens = num_computed
 
     def _new_state(self, new: NewReq) -> CachedRequestState:
@@ -162,37 +162,57 @@ class ModelRunner:
             generator = torch.Generator(device=self.device)
         return CachedRequestState(
             req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
-            sampling=new.sampling, block_ids=list(new.block_ids),
-            num_computed_tokens=new.num_computed_tokens,
+            sampling=new.sampling, num_computed_tokens=new.num_computed_tokens,
+            row=self.block_table.add_row(new.block_ids),
             output_token_ids=list(new.output_token_ids), generator=generator)
 
     def _prepare_inputs(self, step: ExecuteStep) -> StepInputs:
-        """Stage the step's flat inputs in the host buffers (copied to the device later)."""
-        buf, bs = self.buffers, self.block_size
+        """Stage the step's flat inputs in the host buffers (copied to the device later).
+
+        One Python pass collects per-request scalars; positions, slots and block tables are
+        then vectorized numpy gathers.
+        """
+        buf, bt = self.buffers, self.block_table
+        reqs = [self.requests[r] for r in step.num_scheduled_tokens]
+        num_reqs = len(reqs)
+        n = np.fromiter(step.num_scheduled_tokens.values(), np.int64, num_reqs)
+        start = np.fromiter((s.num_computed_tokens for s in reqs), np.int64, num_reqs)
+        rows = np.fromiter((s.row for s in reqs), np.int64, num_reqs)
+        end = start + n
+        cu = np.cumsum(n)
+        num_tokens = int(cu[-1])
+        ids = buf.input_ids[:num_tokens]
+        if num_tokens == num_reqs:  # pure decode: one token per request
+            ids[:] = [s.token_slice(a, a + 1)[0] for s, a in zip(reqs, start.tolist(),
+                                                                  strict=True)]
+        else:
+            ids[:] = [t for s, a, b in zip(reqs, start.tolist(), end.tolist(), strict=True)
+                      for t in s.token_slice(a, b)]
+        pos = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu - n - start, n)
+        buf.positions[:num_tokens] = pos
+        buf.slot_mapping[:num_tokens] = bt.slots(np.repeat(rows, n), pos)
         buf.query_start_loc[0] = 0
-        offset = row = max_query_len = max_seq_len = num_cols = 0
+        buf.query_start_loc[1: num_reqs + 1] = cu
+        buf.seq_lens[:num_reqs] = end
+        max_seq_len = int(end.max())
+        num_cols = -(-max_seq_len // self.block_size)
+        buf.block_tables[:num_reqs, :num_cols] = bt.table[rows, :num_cols]
+
         sample_rows: list[int] = []
         sample_reqs: list[CachedRequestState] = []
         prompt_lp: list[tuple[CachedRequestState, int, int, int]] = []
-        for row, (req_id, n) in enumerate(step.num_scheduled_tokens.items()):
-            state = self.requests[req_id]
-            start, end = state.num_computed_tokens, state.num_computed_tokens + n
-            first = offset
-            offset = buf.fill_request(row, offset, state.token_slice(start, end), start,
-                                      state.block_arr, bs)
-            max_query_len, max_seq_len = max(max_query_len, n), max(max_seq_len, end)
-            num_cols = max(num_cols, len(state.block_ids))
-            num_prompt = len(state.prompt_token_ids)
-            if state.sampling.prompt_logprobs is not None and start < num_prompt - 1:
-                # Position p's logits score prompt token p + 1.
-                prompt_lp.append((state, first, start, min(end, num_prompt - 1) - start))
-            if end == state.num_tokens:
-                sample_rows.append(offset - 1)
+        for state, a, b, last in zip(reqs, start.tolist(), end.tolist(), cu.tolist(),
+                                     strict=True):
+            if b == state.num_tokens:
+                sample_rows.append(last - 1)
                 sample_reqs.append(state)
-        return StepInputs(num_tokens=offset, num_reqs=len(step.num_scheduled_tokens),
-                          num_cols=num_cols, max_query_len=max_query_len,
-                          max_seq_len=max_seq_len, sample_rows=sample_rows,
-                          sample_reqs=sample_reqs, prompt_lp=prompt_lp)
+            num_prompt = len(state.prompt_token_ids)
+            if state.sampling.prompt_logprobs is not None and a < num_prompt - 1:
+                # Position p's logits score prompt token p + 1.
+                prompt_lp.append((state, last - (b - a), a, min(b, num_prompt - 1) - a))
+        return StepInputs(num_tokens=num_tokens, num_reqs=num_reqs, num_cols=num_cols,
+                          max_query_len=int(n.max()), max_seq_len=max_seq_len,
+                          sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H]: replayed from a CUDA graph for decode steps, else eager."""
@@ -222,11 +242,13 @@ class ModelRunner:
                 # Re-seed from (seed, output position): seeded output then depends on nothing
                 # else, neither batch neighbours nor preemption and replay.
                 r.generator.manual_seed(hash((r.sampling.seed, len(r.output_token_ids))) & _MASK63)
+        # Counted before sampling (the sampler uses logits as scratch), fetched with the tokens:
+        # one host sync per step.
+        num_nans = torch.isnan(logits).any(dim=-1).sum().view(1)
         out = self.sampler(logits, batch)
-        sampled = out.sampled.tolist()
+        *sampled, result.num_nans = torch.cat([out.sampled, num_nans]).tolist()
         result.req_ids = [r.req_id for r in reqs]
         result.sampled = sampled
-        result.num_nans = int(torch.isnan(logits).any(dim=-1).sum())
         for state, token in zip(reqs, sampled, strict=True):
             state.output_token_ids.append(token)
         if out.logprobs is not None:
