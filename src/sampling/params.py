@@ -13,6 +13,28 @@ import msgspec
 _SAMPLING_EPS = 1e-5
 
 
+class StructuredOutputsParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A constraint on the output (vLLM's `StructuredOutputsParams`); exactly one kind is set."""
+
+    json: str | dict | None = None  # a JSON schema (object or its JSON text)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark / EBNF as llguidance accepts
+    json_object: bool | None = None  # any JSON object
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    # Filled by the frontend when a reasoning parser is on: the constraint starts after the
+    # model emits this token sequence (the end of its reasoning).
+    reasoning_end_token_ids: list[int] | None = None
+
+    def kinds(self) -> list[str]:
+        """Names of the constraint kinds that are set."""
+        return [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                if getattr(self, k) not in (None, False)]
+
+
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Per-request sampling settings; `validate()` raises ValueError naming the bad field."""
 
@@ -42,6 +64,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     extra_args: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Accept the OpenAI habit of a single stop string / None.
@@ -78,6 +101,11 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             _check(value is None or value >= 0, name, f"must be non-negative, got {value}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "must be a list of non-empty strings")
+        if self.structured_outputs is not None:
+            kinds = self.structured_outputs.kinds()
+            _check(len(kinds) == 1, "structured_outputs",
+                   f"must set exactly one of json, regex, choice, grammar, json_object, "
+                   f"structural_tag; got {kinds or 'none'}")
         if vocab_size is not None:
             self._validate_token_ids(vocab_size)
 

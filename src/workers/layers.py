@@ -1,7 +1,9 @@
 """Building blocks of decoder models: norms, rotary embedding, activation, linear and embedding.
 
 Numerics follow Hugging Face transformers so that fp32 logits match it to ~1e-6: RMSNorm in fp32
-then cast back, rotary cos/sin computed in fp32 then cast to the activation dtype.
+then cast back, rotary cos/sin computed in fp32 then cast to the activation dtype. Norm, rotary and
+activation run fused Triton kernels on CUDA tensors (`kernels.norm`, `kernels.rotary`,
+`kernels.activation`) and those files' torch references elsewhere (CPU: tests, no GPU).
 
 Every parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` attribute. The
 loader calls it with the checkpoint tensor; packed layers (QKVLinear, MergedLinear) use `shard_id`
@@ -21,6 +23,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kernels.norm import rms_norm, rms_norm_ref
+from kernels.rotary import rotary_embedding, rotary_embedding_ref
 
 WeightLoader = Callable[..., None]
 
@@ -54,27 +60,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _new_param(hidden_size)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x), or with a residual: (norm(x + residual), x + residual)."""
-        if residual is None:
-            return self._norm(x)
-        # The add happens in the activation dtype, exactly like HF's `residual + hidden_states`.
-        x = x + residual
-        return self._norm(x), x
+        """norm(x), or with a residual: (norm(x + residual), x + residual).
+
+        x is [T, H], or [T, heads, D] for the per-head q/k norm (may be a strided view).
+        """
+        if x.is_cuda:
+            return rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm_ref(x, self.weight, self.eps, residual)
 
 
 class SiluAndMul(nn.Module):
     """[T, 2I] packed (gate | up) -> silu(gate) * up [T, I]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return silu_and_mul(x) if x.is_cuda else silu_and_mul_ref(x)
 
 
 # ---------------------------------------------------------------- rotary embedding
@@ -124,18 +125,12 @@ class RotaryEmbedding(nn.Module):
         self.cos_cache = nn.Buffer(freqs.cos(), persistent=False)  # [max_position, D/2] fp32
         self.sin_cache = nn.Buffer(freqs.sin(), persistent=False)  # [max_position, D/2] fp32
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, 1, D] in `dtype`, ready to broadcast over heads."""
-        cos = self.cos_cache[positions].to(dtype)
-        sin = self.sin_cache[positions].to(dtype)
-        return torch.cat((cos, cos), -1)[:, None], torch.cat((sin, sin), -1)[:, None]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] by the cos/sin [T, 1, D] of its positions."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] by positions [T]; on CUDA in place, one launch."""
+        if q.is_cuda:
+            return rotary_embedding(q, k, positions, self.cos_cache, self.sin_cache, inplace=True)
+        return rotary_embedding_ref(q, k, positions, self.cos_cache, self.sin_cache)
 
 
 # ---------------------------------------------------------------- linear layers

@@ -34,7 +34,6 @@ from workers.layers import (
     RotaryEmbedding,
     SiluAndMul,
     VocabEmbedding,
-    apply_rotary,
     rope_parameters,
 )
 
@@ -88,7 +87,7 @@ class DecoderArgs:
 class DecoderAttention(nn.Module):
     """qkv projection, optional per-head q/k norm, rotary, paged attention, output projection."""
 
-    def __init__(self, args: DecoderArgs) -> None:
+    def __init__(self, args: DecoderArgs, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         d = args.head_dim
         self.q_size, self.kv_size = args.num_heads * d, args.num_kv_heads * d
@@ -100,17 +99,18 @@ class DecoderAttention(nn.Module):
             self.q_norm = RMSNorm(d, args.rms_norm_eps)
             self.k_norm = RMSNorm(d, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
+        self.rotary_emb = rotary_emb  # shared by all layers
         self.attn = Attention(args.num_heads, args.num_kv_heads, d, scale=d**-0.5)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H] -> [T, H]."""
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], positions [T] -> [T, H]."""
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, -1, self.head_dim)  # [T, Hq, D]
         k = k.reshape(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v)
         return self.o_proj(out)
 
@@ -132,21 +132,21 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention block and MLP block; the residual stream travels alongside."""
 
-    def __init__(self, args: DecoderArgs) -> None:
+    def __init__(self, args: DecoderArgs, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(args)
+        self.self_attn = DecoderAttention(args, rotary_emb)
         self.mlp = DecoderMLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(block output, residual before it) -> the same pair for the next layer."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin)
+        hidden = self.self_attn(hidden, positions)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -157,17 +157,17 @@ class DecoderModel(nn.Module):
     def __init__(self, args: DecoderArgs) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        # One table shared by all layers: cos/sin are looked up once per step.
+        # One cos/sin table shared by all layers; each layer rotates its q and k by `positions`.
         self.rotary_emb = RotaryEmbedding(args.head_dim, args.max_position, args.rope)
+        self.layers = nn.ModuleList(DecoderLayer(args, self.rotary_emb)
+                                    for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin)
+            hidden, residual = layer(hidden, residual, positions)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
