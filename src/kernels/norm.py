@@ -76,7 +76,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, num_rows, eps,
         tl.store(res_out_ptr + out_off, s, mask=mask)
         x = s.to(tl.float32)
     # Padded columns and rows hold 0, so they add nothing to the sum of squares.
-    inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)  # [ROWS]
+    inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / BLOCK_N + eps)  # [ROWS]
     normed = (x * inv_rms[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + out_off, (normed * w[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
