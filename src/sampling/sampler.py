@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels.gumbel import gumbel_sample
 from sampling.logits import LogitsProcessors, to_device
 from sampling.params import SamplingParams
 
@@ -114,6 +115,8 @@ def _sample_mixed(
     """Steps 7-8 for a batch with at least one random row; returns sampled ids [N]."""
     device, vocab_size = logits.device, logits.shape[1]
     greedy = [p.greedy for p in params]
+    if logits.is_cuda and not any(p.top_k or p.top_p < 1.0 or p.min_p for p in params):
+        return _gumbel_fast_path(logits, params, generators, greedy)
     greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
     # Greedy rows ride along (temperature 1, no truncation) so every op keeps the full batch
     # shape; their random draw is discarded by the final `where`.
@@ -143,6 +146,22 @@ def _sample_mixed(
     if greedy_ids is None:
         return sampled
     return torch.where(to_device(greedy, torch.bool, device), greedy_ids, sampled)
+
+
+def _gumbel_fast_path(logits: Tensor, params: list[SamplingParams],
+                      generators: list[torch.Generator | None], greedy: list[bool]) -> Tensor:
+    """Temperature-only batches on the GPU: one fused pass (`kernels.gumbel`).
+
+    A seeded row's noise seed is its generator's seed (the runner re-seeds it per output
+    position); unseeded rows share one fresh draw from torch's default generator per step.
+    """
+    base = int(torch.randint(1 << 62, (1,)))
+    seeds = [gen.initial_seed() if gen is not None else base + i
+             for i, gen in enumerate(generators)]
+    temps = [0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
+    device = logits.device
+    return gumbel_sample(logits, to_device(temps, torch.float32, device),
+                         to_device(seeds, torch.int64, device))
 
 
 def apply_top_k(logits: Tensor, top_k: Tensor, max_k: int) -> None:
