@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 # Elements (ROWS x padded N) one program holds; short rows are packed until a tile is this full.
+# A power of two.
 NORM_TILE_ELEMS = 2048
 # Whole rows live in registers: beyond this, a looped two-pass kernel would be needed.
 NORM_MAX_COLS = 32768
@@ -76,7 +77,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, num_rows, eps,
         tl.store(res_out_ptr + out_off, s, mask=mask)
         x = s.to(tl.float32)
     # Padded columns and rows hold 0, so they add nothing to the sum of squares.
-    inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / BLOCK_N + eps)  # [ROWS]
+    inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)  # [ROWS]
     normed = (x * inv_rms[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + out_off, (normed * w[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
@@ -93,32 +94,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     assert x.dim() in (2, 3) and x.stride(-1) == 1, (x.shape, x.stride())
     assert x.dtype in _FLOAT_DTYPES and weight.dtype in _FLOAT_DTYPES, (x.dtype, weight.dtype)
     n = x.shape[-1]
-    assert weight.shape == (n,) and weight.is_contiguous()
+    assert weight.shape == (n,) and weight.is_contiguous() and weight.device == x.device
     assert n <= NORM_MAX_COLS, f"rows of {n} elements do not fit one program"
-    assert weight.device == x.device
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype
         assert residual.stride(-1) == 1 and residual.device == x.device
-        new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # Outputs are contiguous [T, (H,) N]; the kernel writes row r at r * N.
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    new_residual = None if residual is None else torch.empty_like(out, dtype=x.dtype)
     if x.numel() > 0:  # T = 0 launches nothing
-        _launch(x, weight, eps, residual, out, new_residual if residual is not None else out)
-    return out if residual is None else (out, new_residual)
+        _launch(x, weight, eps, residual, out, new_residual)
+    return out if new_residual is None else (out, new_residual)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-            out: torch.Tensor, res_out: torch.Tensor) -> None:
+            out: torch.Tensor, new_residual: torch.Tensor | None) -> None:
     # 2-D input is one head per token: the head stride is never multiplied by a nonzero index.
     num_heads = x.shape[1] if x.dim() == 3 else 1
     num_rows = x.shape[0] * num_heads
     n = x.shape[-1]
     block_n = triton.next_power_of_2(n)
-    rows = max(1, NORM_TILE_ELEMS // block_n)
-    tile = rows * block_n
-    num_warps = min(16, max(1, tile // (32 * NORM_ELEMS_PER_THREAD)))
+    rows = max(1, NORM_TILE_ELEMS // block_n)  # a power of two, as tl.arange needs
+    num_warps = min(16, max(1, rows * block_n // (32 * NORM_ELEMS_PER_THREAD)))
+    # Without a residual its pointers are never dereferenced (HAS_RESIDUAL=False): pass x / out.
     res = residual if residual is not None else x
     _rms_norm_kernel[(triton.cdiv(num_rows, rows),)](
-        x, res, weight, out, res_out, num_rows, eps,
+        x, res, weight, out, new_residual if new_residual is not None else out, num_rows, eps,
         x.stride(0), x.stride(1) if x.dim() == 3 else 0,
         res.stride(0), res.stride(1) if res.dim() == 3 else 0,
         NUM_HEADS=num_heads, N=n, BLOCK_N=block_n, ROWS=rows,

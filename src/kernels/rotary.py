@@ -109,11 +109,9 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                      inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton `rotary_embedding_ref`; inplace=True overwrites and returns q and k themselves."""
     _check_rotary_args(q, k, positions, cos_cache, sin_cache)
-    if inplace:
-        q_out, k_out = q, k
-    else:
-        q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(
-            k.shape, dtype=k.dtype, device=k.device)
+    # Out of place: contiguous outputs (q/k are often strided slices of the qkv projection).
+    q_out = q if inplace else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = k if inplace else torch.empty(k.shape, dtype=k.dtype, device=k.device)
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens == 0:
         return q_out, k_out
