@@ -47,7 +47,7 @@ def main() -> int:
             "bf16 graphs": dict(dtype="bfloat16"),
         }
         for name, kwargs in variants.items():
-            with LLM(path, device="cuda", **kwargs) as llm:
+            with LLM(path, device="cuda", kv_cache_memory_bytes=1 << 30, **kwargs) as llm:
                 outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW),
                                     use_tqdm=False)
             got = [o.outputs[0].token_ids for o in outs]
