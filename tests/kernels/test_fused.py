@@ -136,9 +136,11 @@ def test_rotary(device: str, dtype: torch.dtype, num_tokens: int, heads: tuple[i
     ref_q, ref_k = rotary_embedding_ref(q, k, positions, cos, sin)
     out_q, out_k = rotary_embedding(q, k, positions, cos, sin, inplace=inplace)
     for got, want in ((out_q, ref_q), (out_k, ref_k)):
-        if dtype == torch.float32:
+        if dtype == torch.float32 or device == "cuda":
+            # On the GPU the compiler contracts a*b + c into one FMA (one rounding instead of
+            # two), so half-precision results may differ from eager torch by one ulp.
             assert_close(got, want)
-        else:  # every product and sum rounds where eager torch rounds
+        else:  # the interpreter rounds every product and sum where eager torch rounds
             assert torch.equal(got, want)
     q_size = num_heads * head_dim
     kv_end = q_size + num_kv_heads * head_dim
@@ -248,5 +250,6 @@ def test_cuda_graph_replay_sees_new_inputs() -> None:
         ref_q, ref_k = rotary_embedding_ref(q0, k0, positions, cos, sin)
         assert_close(outs[0], ref_out)
         assert torch.equal(outs[1], ref_residual)
-        assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
+        assert_close(q, ref_q)  # one FMA rounding may differ from eager torch (see test_rotary)
+        assert_close(k, ref_k)
         assert_close(outs[2], silu_and_mul_ref(gate_up))
