@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--range-ratio", type=float, default=0.0,
                    help="0: fixed lengths; r: uniform in len * [1 - r, 1 + r]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--structured-fraction", type=float, default=0.0,
+                   help="fraction of requests carrying a structured-output constraint "
+                        f"({_STRUCTURED})")
     p.add_argument("--result-file", default=None, help="write the summary as JSON here")
     return p.parse_args(argv)
 
@@ -87,10 +90,16 @@ async def _prepare(session: aiohttp.ClientSession, args: argparse.Namespace,
     return model, reqs
 
 
+# A constraint that never completes, so ignore_eos keeps output lengths exact under it.
+_STRUCTURED = {"regex": "[a-z ,.]*"}
+
+
 async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int],
-               output_len: int) -> RequestResult:
+               output_len: int, structured: bool = False) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if structured:
+        body["structured_outputs"] = _STRUCTURED
     result = RequestResult(prompt_len=len(prompt))
     start = last = time.perf_counter()
     try:
@@ -131,14 +140,17 @@ async def run(args: argparse.Namespace) -> dict:
         limit = asyncio.Semaphore(args.max_concurrency or len(reqs) or 1)
         rng = random.Random(args.seed + 1)
 
-        async def limited(prompt: list[int], output_len: int) -> RequestResult:
+        async def limited(prompt: list[int], output_len: int, structured: bool) -> RequestResult:
             async with limit:
-                return await _one(session, url, model, prompt, output_len)
+                return await _one(session, url, model, prompt, output_len, structured)
 
         tasks = []
         start = time.perf_counter()
-        for prompt, output_len in reqs:
-            tasks.append(asyncio.create_task(limited(prompt, output_len)))
+        for i, (prompt, output_len) in enumerate(reqs):
+            # Every k-th request constrained, spread evenly through the run.
+            structured = args.structured_fraction > 0 and (
+                int((i + 1) * args.structured_fraction) > int(i * args.structured_fraction))
+            tasks.append(asyncio.create_task(limited(prompt, output_len, structured)))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -171,6 +183,7 @@ def summarize(args: argparse.Namespace, model: str, results: list[RequestResult]
     summary: dict = {
         "model": model, "num_prompts": len(results), "completed": len(ok),
         "failed": len(results) - len(ok), "duration_s": duration,
+        "structured_fraction": args.structured_fraction,
         # JSON has no Infinity: "all at once" is null.
         "request_rate": None if args.request_rate == float("inf") else args.request_rate,
         "max_concurrency": args.max_concurrency,
