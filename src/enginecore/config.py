@@ -56,15 +56,33 @@ class ParallelConfig(msgspec.Struct, frozen=True, kw_only=True):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class StructuredOutputsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """`--structured-outputs-config`: engine-wide settings of structured outputs."""
+
+    backend: str = "auto"  # auto | guidance (llguidance, the only one implemented)
+    # Defaults OR-ed into every request's StructuredOutputsParams of the same name.
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+
+# vLLM's backends that this engine does not implement: named in the error a user gets.
+_OTHER_BACKENDS = ("xgrammar", "outlines", "lm-format-enforcer")
+
+
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     model: ModelConfig
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
+    structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
 
     @classmethod
     def create(cls, model: str, **kwargs: object) -> EngineConfig:
-        """Build from flat vLLM-style keyword names (`max_num_seqs=...`) and validate."""
+        """Build from flat vLLM-style keyword names (`max_num_seqs=...`) and validate.
+
+        `structured_outputs_config` takes a StructuredOutputsConfig, a dict or its JSON text.
+        """
+        structured = _structured_outputs_config(kwargs.pop("structured_outputs_config", None))
         groups: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
                                                 "scheduler": {}, "parallel": {}}
         owners = {name: group for group, struct in _GROUPS.items()
@@ -76,7 +94,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                 groups[owners[key]][key] = value
         cfg = cls(model=ModelConfig(**groups["model"]), cache=CacheConfig(**groups["cache"]),
                   scheduler=SchedulerConfig(**groups["scheduler"]),
-                  parallel=ParallelConfig(**groups["parallel"]))
+                  parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured)
         return cfg.resolved()
 
     def resolved(self) -> EngineConfig:
@@ -108,6 +126,12 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.parallel.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
+        backend = self.structured_outputs.backend
+        if backend not in ("auto", "guidance"):
+            known = "a vLLM backend this engine does not implement" \
+                if backend in _OTHER_BACKENDS else "unknown"
+            raise ValueError(f"structured outputs backend {backend!r} is {known}; choose 'auto' "
+                             "or 'guidance' (llguidance)")
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -121,6 +145,17 @@ _GROUPS: dict[str, type[msgspec.Struct]] = {
     "model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
     "parallel": ParallelConfig,
 }
+
+
+def _structured_outputs_config(value: object) -> StructuredOutputsConfig:
+    if value is None or isinstance(value, StructuredOutputsConfig):
+        return value or StructuredOutputsConfig()
+    try:
+        if isinstance(value, str | bytes):
+            return msgspec.json.decode(value, type=StructuredOutputsConfig)
+        return msgspec.convert(value, StructuredOutputsConfig)
+    except msgspec.DecodeError as e:  # bad JSON, or a wrong field type
+        raise ValueError(f"structured_outputs_config: {e}") from None
 
 
 def read_checkpoint_info(model_dir: str) -> dict:

@@ -7,6 +7,8 @@ are the single source of the flags. Every field becomes a vLLM-style flag (`max_
 trailing comment (or the comment lines just above it) becomes the help text. Engine flags default
 to None, so only what the user set reaches `EngineConfig.create`, whose struct defaults fill the
 rest.
+`--structured-outputs-config` is the one hand-written flag: vLLM's JSON form
+(`'{"backend": "guidance", "disable_any_whitespace": true}'`) of `StructuredOutputsConfig`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 import msgspec
 
 from enginecore.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from frontend.reasoning import get_reasoning_parser
+from frontend.tools import get_tool_parser, load_tool_parser_plugin
 
 
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,6 +36,17 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     chat_template: str | None = None  # jinja file or inline template replacing the tokenizer's
     enable_log_requests: bool = False  # log each request's prompt and sampling parameters
     max_log_len: int | None = None  # prompt characters / token ids logged per request
+    # let the model call tools on its own (tool_choice "auto"); needs --tool-call-parser
+    enable_auto_tool_choice: bool = False
+    # format of tool calls in the output: hermes, llama3_json, mistral, pythonic, qwen3_xml, or
+    # one a --tool-parser-plugin registers
+    tool_call_parser: str | None = None
+    # a .py file (or module name) whose import registers tool parsers (register_tool_parser)
+    tool_parser_plugin: str | None = None
+    # with tool_choice "none", leave the tool definitions out of the prompt
+    exclude_tools_when_tool_choice_none: bool = False
+    # split replies into reasoning and content: deepseek_r1, qwen3, think
+    reasoning_parser: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming a bad field."""
@@ -39,6 +54,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.api_server_count < 1:
             raise ValueError(f"api_server_count must be >= 1, got {self.api_server_count}")
+        if self.tool_parser_plugin is not None:
+            load_tool_parser_plugin(self.tool_parser_plugin)
+        if self.tool_call_parser is not None:
+            get_tool_parser(self.tool_call_parser)
+        elif self.enable_auto_tool_choice:
+            raise ValueError("enable_auto_tool_choice needs --tool-call-parser")
+        if self.reasoning_parser is not None:
+            get_reasoning_parser(self.reasoning_parser)
 
 
 ENGINE_STRUCTS: tuple[type[msgspec.Struct], ...] = (
@@ -119,6 +142,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
     for struct in ENGINE_STRUCTS:
         group = parser.add_argument_group(struct.__name__)
         engine_dests += _add_struct_flags(group, struct, engine=True)
+    parser.add_argument(
+        "--structured-outputs-config", default=None, metavar="JSON",
+        help='structured outputs settings as JSON: {"backend": "auto" | "guidance", '
+             '"disable_any_whitespace": bool, "disable_additional_properties": bool}')
     server_group = parser.add_argument_group("ServerConfig")
     server_dests = _add_struct_flags(server_group, ServerConfig, engine=False)
     return parser, engine_dests, server_dests
@@ -129,6 +156,8 @@ def parse_serve_args(argv: list[str]) -> tuple[str | None, dict[str, Any], Serve
     parser, engine_dests, server_dests = build_parser()
     args = parser.parse_args(argv)
     engine_kwargs = {d: getattr(args, d) for d in engine_dests if getattr(args, d) is not None}
+    if args.structured_outputs_config is not None:
+        engine_kwargs["structured_outputs_config"] = args.structured_outputs_config
     try:
         server = ServerConfig(**{d: v for d in server_dests if (v := getattr(args, d)) is not None})
         server.validate()

@@ -7,17 +7,25 @@ fields left out are None, so `to_sampling_params()` passes only what the client 
 `SamplingParams` defaults fill the rest. Ranges are checked later by `SamplingParams.validate()`.
 
 Besides the OpenAI fields, requests take vLLM's extras (top_k, min_p, ignore_eos, ...), and
-`vllm_xargs` becomes `SamplingParams.extra_args`. Responses encode to the JSON the `openai` Python
-client parses; the vLLM-only `stop_reason` and `reasoning_content` fields ride along.
+`vllm_xargs` becomes `SamplingParams.extra_args`. A constraint on the output comes from exactly
+one of `response_format` (OpenAI), `structured_outputs` (vLLM, `extra_body`) or the deprecated
+`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`. Responses encode to the JSON
+the `openai` Python client parses; the vLLM-only `stop_reason` and `reasoning_content` fields
+ride along.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 from typing import Any, Literal, cast
 
 import msgspec
 
-from sampling.params import SamplingParams
+from sampling.params import SamplingParams, StructuredOutputsParams
+
+logger = logging.getLogger("frontend.openai")
 
 # OpenAI accepts logit biases in [-100, 100]; larger magnitudes are clamped, like vLLM does.
 _MAX_LOGIT_BIAS = 100.0
@@ -99,13 +107,39 @@ class ChatMessage(msgspec.Struct, omit_defaults=True, kw_only=True):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
     tool_call_id: str | None = None  # tool turns: which call this answers
-    reasoning_content: str | None = None
+    reasoning: str | None = None  # assistant turns: their thought (interleaved thinking)
+    reasoning_content: str | None = None  # the older name of `reasoning`
 
     def text_content(self) -> str:
         """The text of `content`, text parts joined by newlines."""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(p.text for p in self.content or [] if isinstance(p, TextPart))
+
+
+class FunctionDefinition(msgspec.Struct, omit_defaults=True, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ChatTool(msgspec.Struct, kw_only=True):
+    """One entry of `tools`: a function the model may call."""
+
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(msgspec.Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    """`tool_choice` naming the function the reply must call."""
+
+    function: NamedFunction
+    type: Literal["function"] = "function"
 
 
 # ---------------------------------------------------------------------- requests
@@ -127,7 +161,8 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
     user: str | None = None
-    response_format: dict[str, Any] | None = None  # kept raw until structured output lands
+    # {"type": "text" | "json_object" | "json_schema" | "structural_tag", ...}
+    response_format: dict[str, Any] | None = None
     # vLLM extras
     top_k: int | None = None
     min_p: float | None = None
@@ -144,6 +179,12 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
     priority: int = 0
     cache_salt: str | None = None
     vllm_xargs: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    # Deprecated spellings of structured_outputs.{json, regex, choice, grammar}.
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def _sampling_params(
         self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None
@@ -156,8 +197,24 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
         return SamplingParams(
             **kwargs, stop=stop, max_tokens=max_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(self.logit_bias),
-            extra_args=self.vllm_xargs,
+            extra_args=self.vllm_xargs, structured_outputs=self._structured_outputs(),
         )
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The one constraint the request sets, from whichever field it used."""
+        found = {}
+        if self.structured_outputs is not None:
+            found["structured_outputs"] = self.structured_outputs
+        if (fmt := _response_format(self.response_format)) is not None:
+            found["response_format"] = fmt
+        guided = {k: v for k in _GUIDED if (v := getattr(self, f"guided_{k}")) is not None}
+        if guided:
+            for k in guided:
+                _warn_deprecated(f"guided_{k}")
+            found["guided_*"] = StructuredOutputsParams(**guided)
+        if len(found) > 1:
+            raise ValueError(f"structured_outputs: give only one of {', '.join(found)}")
+        return next(iter(found.values()), None)
 
 
 class CompletionRequest(_SamplingRequest, kw_only=True):
@@ -208,9 +265,11 @@ class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None  # kept raw until tool parsing lands
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[ChatTool] | None = None
+    # None: "auto" when tools are given, else "none".
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # False: at most one call per reply
+    include_reasoning: bool = True  # vLLM: False leaves the reasoning out of the reply
     echo: bool = False  # vLLM: prefix the reply with the final message when continuing it
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -231,6 +290,36 @@ class ChatCompletionRequest(_SamplingRequest, kw_only=True):
         if max_tokens is None:
             max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
         return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
+
+
+_GUIDED = ("json", "regex", "choice", "grammar")
+
+
+@functools.cache
+def _warn_deprecated(name: str) -> None:
+    logger.warning("%s is deprecated: use structured_outputs.%s (or response_format)", name,
+                   name.removeprefix("guided_"))
+
+
+def _response_format(fmt: dict[str, Any] | None) -> StructuredOutputsParams | None:
+    """OpenAI's response_format as a constraint (None for plain text)."""
+    kind = None if fmt is None else fmt.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValueError("response_format: json_schema.schema (a JSON schema) is required")
+        # strict: objects take only the properties they list, as OpenAI's strict mode has it.
+        return StructuredOutputsParams(json=spec["schema"],
+                                       disable_additional_properties=bool(spec.get("strict")))
+    if kind == "structural_tag":
+        return StructuredOutputsParams(structural_tag=json.dumps(
+            {k: v for k, v in fmt.items() if k != "type"}))
+    raise ValueError(f"response_format: type must be text, json_object, json_schema or "
+                     f"structural_tag, got {kind!r}")
 
 
 def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
@@ -328,7 +417,8 @@ class ChatLogprobs(msgspec.Struct, kw_only=True):
 class ChatResponseMessage(msgspec.Struct, kw_only=True):
     content: str | None = None
     role: Literal["assistant"] = "assistant"
-    reasoning_content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None  # the older name of `reasoning`, same value
     tool_calls: list[ToolCall] = []
 
 
@@ -370,7 +460,8 @@ class DeltaMessage(msgspec.Struct, omit_defaults=True, kw_only=True):
 
     role: Literal["assistant"] | None = None  # only on the first chunk
     content: str | None = None
-    reasoning_content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None  # the older name of `reasoning`, same value
     tool_calls: list[DeltaToolCall] | None = None
 
 

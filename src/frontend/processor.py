@@ -6,6 +6,8 @@ the field, so bad input never reaches the engine core.
 
 from __future__ import annotations
 
+import collections
+import functools
 import time
 from typing import Any
 
@@ -14,7 +16,10 @@ import msgspec
 from enginecore.config import EngineConfig
 from enginecore.protocol import AddRequest
 from frontend.tokenizer import Tokenizer
-from sampling.params import SamplingParams
+from sampling.params import SamplingParams, StructuredOutputsParams
+from sampling.structured import LLTokenizer, load_lltokenizer, validate_structured_outputs
+
+_GRAMMAR_CACHE_SIZE = 256  # constraints remembered as valid (serving validates each one twice)
 
 # A prompt as users pass it: text, token ids, or vLLM's TextPrompt / TokensPrompt dicts.
 PromptType = str | list[int] | dict[str, Any]
@@ -27,6 +32,7 @@ class Processor:
         self.vocab_size = config.model.vocab_size
         # The engine's limit: the model's, capped at what the KV cache holds (CoreReady).
         self.max_model_len = config.model.max_model_len
+        self._valid_constraints: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Return (prompt text if any, prompt token ids)."""
@@ -57,12 +63,39 @@ class Processor:
             raise ValueError(f"prompt_token_ids contains id {bad[0]} outside the vocabulary "
                              f"[0, {self.vocab_size})")
         params.validate(self.vocab_size)
+        if params.structured_outputs is not None:
+            params = msgspec.structs.replace(
+                params, structured_outputs=self._structured_outputs(params.structured_outputs))
         if params.bad_words and params.bad_words_token_ids is None:
             params = msgspec.structs.replace(
                 params, bad_words_token_ids=self._bad_words_ids(params.bad_words))
         return AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                           sampling=params, client_index=client_index, arrival_time=time.time(),
                           priority=priority, cache_salt=cache_salt)
+
+    def _structured_outputs(self, so: StructuredOutputsParams) -> StructuredOutputsParams:
+        """Apply the engine-wide defaults, then check the constraint compiles (ValueError with
+        llguidance's message otherwise)."""
+        cfg = self.config.structured_outputs
+        so = msgspec.structs.replace(
+            so, disable_any_whitespace=so.disable_any_whitespace or cfg.disable_any_whitespace,
+            disable_additional_properties=(so.disable_additional_properties
+                                           or cfg.disable_additional_properties))
+        key = msgspec.msgpack.encode(so)
+        if key in self._valid_constraints:
+            self._valid_constraints.move_to_end(key)
+            return so
+        validate_structured_outputs(so, self._lltokenizer)
+        self._valid_constraints[key] = None
+        if len(self._valid_constraints) > _GRAMMAR_CACHE_SIZE:
+            self._valid_constraints.popitem(last=False)
+        return so
+
+    @functools.cached_property
+    def _lltokenizer(self) -> LLTokenizer:
+        # Built on the first constrained request (~5 ms at a 1k vocab, ~0.3 s at 32k).
+        return load_lltokenizer(self.tokenizer.backend.to_str(), self.vocab_size,
+                                tuple(self.config.model.eos_token_ids))
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Each word as it tokenizes alone and after a space (both forms can be generated)."""

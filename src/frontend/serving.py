@@ -30,6 +30,7 @@ import msgspec
 from aiohttp import web
 
 from frontend import openai as api
+from frontend.chat import ChatFeatures, ChatPlan, ChoiceParser
 from frontend.cli import ServerConfig
 from frontend.client import AsyncEngine, EngineDeadError
 from frontend.metrics import RequestTracker, ServerMetrics
@@ -71,6 +72,7 @@ class _Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     started: bool = False  # streaming: the echo went out
+    parser: ChoiceParser | None = None  # chat with tools or reasoning (frontend/chat.py)
     offset: int = 0  # legacy logprobs: text offset of the next token
 
     def add(self, out: CompletionOutput) -> None:
@@ -135,6 +137,7 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.model_names = list(config.served_model_name) or [engine.config.model.model]
         self.chat_template = _read_template(config.chat_template)
+        self.chat_features = ChatFeatures(config, self.tokenizer)
 
     @property
     def max_model_len(self) -> int:
@@ -159,16 +162,15 @@ class OpenAIServing:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
         req = api.chat_request_decoder.decode(await request.read())
-        if req.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice: only 'none' and 'auto' are supported", "tool_choice")
-        if req.response_format is not None and req.response_format.get("type") != "text":
-            raise APIError(400, "response_format: structured output is not supported yet",
-                           "response_format")
-        job = self._make_job(req, [self.chat_prompt(req)], chat=True)
+        plan = self.chat_features.plan(req)
+        job = self._make_job(req, [self.chat_prompt(req, plan)], chat=True, plan=plan)
+        for c in job.choices:
+            c.parser = plan.choice_parser()
         return await self._respond(request, job)
 
-    def chat_prompt(self, req: api.ChatCompletionRequest) -> _Prompt:
-        """Render the messages with the chat template and tokenize the result."""
+    def chat_prompt(self, req: api.ChatCompletionRequest, plan: ChatPlan | None = None) -> _Prompt:
+        """Render the messages (and tools) with the chat template and tokenize the result."""
+        plan = plan or self.chat_features.plan(req)
         messages = []
         for i, m in enumerate(req.messages):
             message = msgspec.to_builtins(m)
@@ -180,14 +182,15 @@ class OpenAIServing:
             messages.append(message)
         kwargs: dict[str, Any] = {
             "add_generation_prompt": req.add_generation_prompt,
-            "continue_final_message": req.continue_final_message, "tools": req.tools,
+            "continue_final_message": req.continue_final_message, "tools": plan.template_tools,
             "chat_template": req.chat_template or self.chat_template}
         kwargs.update(req.chat_template_kwargs or {})  # vLLM lets these override the above
         try:
-            text = self.tokenizer.apply_chat_template(messages, **kwargs)
+            text = self.tokenizer.apply_chat_template(plan.template_messages(messages), **kwargs)
         except TypeError as e:
             raise APIError(400, f"chat_template_kwargs: {e}", "chat_template_kwargs") from e
         ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        plan.prompt = text
         # vLLM's echo: a reply that continues a final assistant message repeats that message.
         echo = ""
         if req.echo and messages[-1].get("role") == "assistant":
@@ -203,14 +206,14 @@ class OpenAIServing:
         return requested
 
     def _make_job(self, req: api.CompletionRequest | api.ChatCompletionRequest,
-                  prompts: list[_Prompt], chat: bool) -> _Job:
+                  prompts: list[_Prompt], chat: bool, plan: ChatPlan | None = None) -> _Job:
         model = self.model_name(req.model)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options: only allowed when stream is true",
                            "stream_options")
         if len(prompts) * req.n > _MAX_CHOICES:
             raise APIError(400, f"n: at most {_MAX_CHOICES} completions per request", "n")
-        params = [self._sampling_params(req, p) for p in prompts]
+        params = [self._sampling_params(req, p, plan) for p in prompts]
         prefix = "chatcmpl" if chat else "cmpl"
         job = _Job(request_id=f"{prefix}-{uuid.uuid4().hex}", model=model, chat=chat,
                    prompts=prompts, params=params, n=req.n, choices=[], stream=req.stream,
@@ -225,7 +228,7 @@ class OpenAIServing:
         return job
 
     def _sampling_params(self, req: api.CompletionRequest | api.ChatCompletionRequest,
-                         prompt: _Prompt) -> SamplingParams:
+                         prompt: _Prompt, plan: ChatPlan | None) -> SamplingParams:
         num_prompt, limit = len(prompt.token_ids), self.max_model_len
         where = "messages" if isinstance(req, api.ChatCompletionRequest) else "prompt"
         if num_prompt >= limit:
@@ -233,6 +236,8 @@ class OpenAIServing:
                            f"the prompt has {num_prompt} (a completion needs at least one more).",
                            where)
         params = req.to_sampling_params(limit - num_prompt)
+        if plan is not None:  # tool choice constraint, reasoning gate
+            params = plan.sampling_params(params)
         if params.max_tokens is not None and num_prompt + params.max_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. You "
                            f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in "
@@ -325,12 +330,16 @@ class OpenAIServing:
                 ids = prompt.token_ids + ids
                 rows = self._prompt_rows(job, c) + rows
         with_logprobs = job.num_logprobs is not None and bool(ids)
-        if not (text or out.finish_reason or with_logprobs):
+        finish, delta, held = out.finish_reason, api.DeltaMessage(content=text), not text
+        if c.parser is not None:  # the parsers may hold text back too (a tag, an open call)
+            delta = c.parser.feed(text, final=finish is not None)
+            finish = c.parser.finish_reason(finish, c.parser.tools_called)
+            held = delta == api.DeltaMessage()
+        if held and not (finish or with_logprobs):
             return None  # tokens still held back (stop-string prefix, partial character)
         if job.chat:
             logprobs = _chat_logprobs(ids, rows, job.num_logprobs) if with_logprobs else None
-            return self._chat_chunk(job, c, api.DeltaMessage(content=text), logprobs,
-                                    out.finish_reason, out.stop_reason)
+            return self._chat_chunk(job, c, delta, logprobs, finish, out.stop_reason)
         legacy = None
         if with_logprobs:
             legacy, c.offset = self._legacy_logprobs(ids, rows, c.offset)
@@ -370,17 +379,28 @@ class OpenAIServing:
                                       model=job.model, usage=job.usage())
 
     def _chat_response(self, job: _Job) -> api.ChatCompletionResponse:
-        choices = [api.ChatChoice(
-            index=c.index,
-            message=api.ChatResponseMessage(content=job.prompts[0].echo + "".join(c.text)),
-            logprobs=None if job.num_logprobs is None else api.ChatLogprobs(
-                content=_chat_logprobs(c.token_ids, c.logprobs, job.num_logprobs)),
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in job.choices]
+        choices = []
+        for c in job.choices:
+            message, finish = self._chat_message(job, c)
+            choices.append(api.ChatChoice(
+                index=c.index, message=message, finish_reason=finish, stop_reason=c.stop_reason,
+                logprobs=None if job.num_logprobs is None else api.ChatLogprobs(
+                    content=_chat_logprobs(c.token_ids, c.logprobs, job.num_logprobs))))
         prompt_logprobs = (_api_prompt_logprobs(job.prompt_logprobs[0])
                            if job.return_prompt_logprobs else None)
         return api.ChatCompletionResponse(id=job.request_id, choices=choices, created=job.created,
                                           model=job.model, usage=job.usage(),
                                           prompt_logprobs=prompt_logprobs)
+
+    def _chat_message(self, job: _Job, c: _Choice) -> tuple[api.ChatResponseMessage, str | None]:
+        """One choice's message (reasoning and tool calls split off) and finish reason."""
+        echo, text = job.prompts[0].echo, "".join(c.text)
+        if c.parser is None:
+            return api.ChatResponseMessage(content=echo + text), c.finish_reason
+        message, called = c.parser.message(text)
+        if echo:
+            message.content = echo + (message.content or "")
+        return message, c.parser.finish_reason(c.finish_reason, called)
 
     def _prompt_rows(self, job: _Job, c: _Choice) -> list[PositionLogprobs | None]:
         """The prompt's logprob rows for an echo (entry 0 is None: nothing precedes it)."""

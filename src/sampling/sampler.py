@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from kernels.gumbel import gumbel_sample
+from kernels.sample import apply_token_bitmask, apply_token_bitmask_ref
 from sampling.logits import LogitsProcessors, to_device
 from sampling.params import SamplingParams
+from sampling.structured import RequestGrammar, fill_bitmasks
 
 
 @dataclass
@@ -30,6 +32,8 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]]
     output_token_ids: list[list[int]]  # tokens generated so far (before this step's token)
     generators: list[torch.Generator | None]  # the row's own generator when params.seed is set
+    # Structured outputs: the row's grammar matcher (None: unconstrained). None: no row is.
+    grammars: list[RequestGrammar | None] | None = None
 
 
 @dataclass
@@ -45,7 +49,10 @@ class SamplerOutput:
 class Sampler:
     """Batched sampler; the pipeline below runs in this order for every row.
 
+    0. grammar bitmask rows are filled on the CPU (llguidance, no GIL) while the GPU still
+       runs the forward pass and the LM head
     1. raw logprobs = log_softmax(logits), kept for the logprobs output (vLLM "raw_logprobs")
+    1b. grammar bitmask: -inf on the tokens a constrained row's grammar forbids
     2. allowed_token_ids: -inf outside the row's whitelist
     3. bad words: -inf on a word's last token when its other tokens end the output
     4. min_tokens: -inf on EOS (unless ignore_eos) and stop_token_ids until min_tokens outputs
@@ -64,6 +71,8 @@ class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int]) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
+        self._bitmask_host: Tensor | None = None  # [rows, ceil(V/32)] int32, pinned on GPU
+        self._bitmask_copied: torch.cuda.Event | None = None
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample one token per row of `logits` [N, V]."""
@@ -71,9 +80,13 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape == (len(params), self.vocab_size), logits.shape
         assert len(batch.prompt_token_ids) == len(batch.output_token_ids) == len(params)
         assert len(batch.generators) == len(params)
+        bitmask = self._grammar_bitmask(batch.grammars, logits.device) if batch.grammars else None
         logits = logits.float()  # no-op for the fp32 logits the model returns
         asked = [p.logprobs for p in params if p.logprobs is not None]
         raw_logprobs = logits.log_softmax(dim=-1) if asked else None  # [N, V], before step 2
+        if bitmask is not None:
+            apply = apply_token_bitmask if logits.is_cuda else apply_token_bitmask_ref
+            apply(logits, *bitmask)
 
         processors = LogitsProcessors(
             params,
@@ -93,6 +106,28 @@ class Sampler:
             return SamplerOutput(sampled)
         ids, lps, ranks = gather_logprobs(raw_logprobs, sampled, max(asked))
         return SamplerOutput(sampled, ids, lps, ranks)
+
+    def _grammar_bitmask(self, grammars: list[RequestGrammar | None],
+                         device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """Step 0: (bitmask [M, W] int32, row indices [M] int64) on `device`, or None."""
+        rows = [i for i, g in enumerate(grammars) if g is not None]
+        if not rows:
+            return None
+        words = -(-self.vocab_size // 32)
+        host = self._bitmask_host
+        if host is None or host.shape[0] < len(rows):
+            host = torch.empty((max(len(rows), 16), words), dtype=torch.int32,
+                               pin_memory=device.type == "cuda")
+            self._bitmask_host = host
+        elif self._bitmask_copied is not None:
+            self._bitmask_copied.synchronize()  # the last step's copy out of `host` is done
+        host = host[: len(rows)]
+        fill_bitmasks([g for g in grammars if g is not None], host.numpy())
+        bitmask = host.to(device, non_blocking=True)
+        if device.type == "cuda":
+            self._bitmask_copied = torch.cuda.Event()
+            self._bitmask_copied.record()
+        return bitmask, to_device(rows, torch.int64, device)
 
 
 # Settings of a row that is neither scaled nor truncated (greedy rows in a mixed batch).

@@ -21,6 +21,7 @@ from enginecore.config import EngineConfig
 from enginecore.protocol import ExecuteStep, NewReq, StepResult, TokenLogprobs
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
+from sampling.structured import GrammarCompiler, RequestGrammar
 from workers.attention import AttnMetadata, set_forward_context
 from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
@@ -39,6 +40,7 @@ class CachedRequestState:
     row: int  # this request's row in the runner's BlockTable
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    grammar: RequestGrammar | None = None  # structured outputs: this request's matcher
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +79,10 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.model = load_model(config.model.model, dtype, device, config.model.load_format)
         self.sampler = Sampler(config.model.vocab_size, config.model.eos_token_ids)
+        # Matchers live here, not in the engine core: with async scheduling only the workers
+        # know a step's sampled token before the next step runs.
+        self.grammars = GrammarCompiler(config.model.tokenizer or config.model.model,
+                                        config.model.vocab_size, config.model.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         sched = config.scheduler
@@ -160,11 +166,15 @@ class ModelRunner:
         generator = None
         if new.sampling.seed is not None:
             generator = torch.Generator(device=self.device)
+        structured = new.sampling.structured_outputs
+        # Compiles in a thread pool; only the first sample of this request waits for it.
+        grammar = None if structured is None else self.grammars.compile(
+            structured, new.output_token_ids, new.prompt_token_ids)
         return CachedRequestState(
             req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
             sampling=new.sampling, num_computed_tokens=new.num_computed_tokens,
             row=self.block_table.add_row(new.block_ids),
-            output_token_ids=list(new.output_token_ids), generator=generator)
+            output_token_ids=list(new.output_token_ids), generator=generator, grammar=grammar)
 
     def _prepare_inputs(self, step: ExecuteStep) -> StepInputs:
         """Stage the step's flat inputs in the host buffers (copied to the device later).
@@ -236,7 +246,9 @@ class ModelRunner:
             params=[r.sampling for r in reqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
-            generators=[r.generator for r in reqs])
+            generators=[r.generator for r in reqs],
+            grammars=[r.grammar for r in reqs] if any(r.grammar is not None for r in reqs)
+            else None)
         for r in reqs:
             if r.generator is not None:
                 # Re-seed from (seed, output position): seeded output then depends on nothing
@@ -251,6 +263,8 @@ class ModelRunner:
         result.sampled = sampled
         for state, token in zip(reqs, sampled, strict=True):
             state.output_token_ids.append(token)
+            if state.grammar is not None:
+                state.grammar.accept_tokens((token,))
         if out.logprobs is not None:
             ids, lps = out.logprob_token_ids.tolist(), out.logprobs.tolist()
             ranks = out.ranks.tolist()

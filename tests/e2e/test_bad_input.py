@@ -58,7 +58,7 @@ CASES = [
     ("chat-top-logprobs-without-logprobs", "POST", CHAT, {"messages": USER, "top_logprobs": 2},
      400, "top_logprobs"),
     ("chat-response-format", "POST", CHAT,
-     {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
+     {"messages": USER, "response_format": {"type": "yaml"}}, 400, "response_format"),
     ("chat-template-syntax", "POST", CHAT, {"messages": USER, "chat_template": "{% for %}"},
      400, None),
     ("chat-template-kwargs-clash", "POST", CHAT,
