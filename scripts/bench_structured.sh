@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Structured-output overhead on the GPU: the same online load with 0% and 50% of the requests
+# constrained (a regex that never completes, so ignore_eos keeps output lengths exact).
+#   bash scripts/bench_structured.sh [OUT_DIR]
+set -euo pipefail
+out=${1:-.}
+model=$(python3 -c "import sys; sys.path.insert(0, 'scripts'); \
+from bench_throughput import make_preset; print(make_preset('qwen3-0.6b'))")
+python3 -m frontend serve "$model" --load-format dummy --max-model-len 4096 --port 8123 \
+  > "$out/server.log" 2>&1 &
+server=$!
+trap 'kill $server; wait $server || true' EXIT
+for _ in $(seq 1 240); do curl -sf http://127.0.0.1:8123/health > /dev/null && break; sleep 0.5; done
+for frac in 0 0.5 0; do  # the repeated 0 shows run-to-run noise
+  python3 scripts/bench_serving.py --base-url http://127.0.0.1:8123 --num-prompts 256 \
+    --max-concurrency 64 --input-len 512 --output-len 256 --structured-fraction "$frac" \
+    --result-file "$out/structured_$frac.json" | grep -E "output token|TPOT|fraction" || true
+done
