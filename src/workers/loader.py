@@ -2,9 +2,12 @@
 
 Each checkpoint tensor goes through its parameter's `weight_loader`. Names of packed projections
 are rewritten with the model's `packed_modules_mapping` (e.g. `...self_attn.k_proj.weight` ->
-`...self_attn.qkv_proj.weight`, shard "k"). Every parameter (every shard of a packed one) must be
-loaded exactly once, and every checkpoint tensor must land somewhere: a mismatch means the wrong
-architecture or a broken checkpoint, and fails loudly here rather than as garbage tokens later.
+`...self_attn.qkv_proj.weight`, shard "k"). Per-expert tensors of a mixture-of-experts block
+(`...experts.{e}.gate_proj.weight`) go to the block's stacked parameter named by the model's
+`expert_weights_mapping` (`...experts.w13_weight`, shard (e, 0)). Every parameter (every shard
+of a packed one, every expert of a stacked one) must be loaded exactly once, and every checkpoint
+tensor must land somewhere: a mismatch means the wrong architecture or a broken checkpoint, and
+fails loudly here rather than as garbage tokens later.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     """Copy every checkpoint tensor into `model`; raise on a missing or unexpected tensor."""
     mapping: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    experts: dict[str, tuple[str, object]] = getattr(model, "expert_weights_mapping", {})
     ignored: set[str] = getattr(model, "ignored_weights", set())
     params = dict(model.named_parameters())
     expected = _expected_shards(params, mapping)
@@ -52,7 +56,7 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     for ckpt_name, tensor in iter_checkpoint(model_dir):
         if ckpt_name.endswith("rotary_emb.inv_freq") or ckpt_name in ignored:
             continue  # recomputed by the model / a duplicate of a tied weight
-        name, shard = _target(ckpt_name, mapping)
+        name, shard = _target(ckpt_name, mapping, experts)
         if name not in params:
             raise KeyError(f"unexpected tensor {ckpt_name!r} in checkpoint {str(model_dir)!r}")
         if shard in loaded[name]:
@@ -73,10 +77,17 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                        + ", ".join(missing))
 
 
-def _target(ckpt_name: str, mapping: dict[str, tuple[str, object]]) -> tuple[str, object]:
+def _target(ckpt_name: str, mapping: dict[str, tuple[str, object]],
+            experts: dict[str, tuple[str, object]]) -> tuple[str, object]:
     # "model.layers.0.self_attn.k_proj.weight" -> ("model.layers.0.self_attn.qkv_proj.weight", "k")
+    # "model.layers.0.mlp.experts.3.up_proj.weight" -> ("model.layers.0.mlp.experts.w13_weight",
+    # (3, 1))
     parts = ckpt_name.split(".")
     for i, part in enumerate(parts):
+        if (part == "experts" and experts and len(parts) > i + 2 and parts[i + 1].isdigit()
+                and parts[i + 2] in experts):
+            stacked, shard = experts[parts[i + 2]]
+            return ".".join([*parts[:i + 1], stacked]), (int(parts[i + 1]), shard)
         if part in mapping:
             packed, shard = mapping[part]
             return ".".join([*parts[:i], packed, *parts[i + 1:]]), shard
@@ -85,7 +96,8 @@ def _target(ckpt_name: str, mapping: dict[str, tuple[str, object]]) -> tuple[str
 
 def _expected_shards(params: dict[str, nn.Parameter],
                      mapping: dict[str, tuple[str, object]]) -> dict[str, set[object]]:
-    # A packed parameter needs every shard its mapping names; any other parameter needs `None`.
+    # A packed parameter needs every shard its mapping names, a parameter that lists its
+    # `expected_shards` (stacked experts) all of those; any other parameter needs `None`.
     shards_of: dict[str, set[object]] = {}
     for packed, shard in mapping.values():
         shards_of.setdefault(packed, set()).add(shard)
@@ -94,4 +106,5 @@ def _expected_shards(params: dict[str, nn.Parameter],
         parts = name.split(".")
         packed = next((p for p in parts if p in shards_of), None)
         expected[name] = shards_of[packed] if packed is not None else {None}
+        expected[name] = getattr(params[name], "expected_shards", expected[name])
     return expected
