@@ -54,6 +54,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
 class ParallelConfig(msgspec.Struct, frozen=True, kw_only=True):
     tensor_parallel_size: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # MoE: shard whole experts across the tensor-parallel ranks instead of slicing every expert
+    # (issue #13); with tensor_parallel_size 1 it changes nothing.
+    enable_expert_parallel: bool = False
 
 
 class StructuredOutputsConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -97,8 +97,8 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int
     flat = topk_ids.reshape(-1).long()
     num_pairs = flat.numel()
     size = max_padded_pairs(num_pairs, num_experts, block_m)
-    sorted_ids = torch.full((size,), num_pairs, dtype=torch.int32)
-    expert_ids = torch.full((size // block_m,), -1, dtype=torch.int32)
+    sorted_ids = torch.full((size,), num_pairs, dtype=torch.int32, device=flat.device)
+    expert_ids = torch.full((size // block_m,), -1, dtype=torch.int32, device=flat.device)
     pos = 0
     for e in range(num_experts):
         pairs = (flat == e).nonzero().flatten()
@@ -108,7 +108,7 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int
         padded = triton.cdiv(pairs.numel(), block_m) * block_m
         expert_ids[pos // block_m:(pos + padded) // block_m] = e
         pos += padded
-    return sorted_ids, expert_ids, torch.tensor([pos], dtype=torch.int32)
+    return sorted_ids, expert_ids, torch.tensor([pos], dtype=torch.int32, device=flat.device)
 
 
 def moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, topk_ids: torch.Tensor, gated: bool
@@ -129,7 +129,7 @@ def moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, topk_ids: torch.Tensor, gated
 def moe_combine_ref(y: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """y [TK, H], topk_weights [T, K] -> sum_k w[t, k] * y[t * K + k]  [T, H] (fp32 sum)."""
     num_tokens, top_k = topk_weights.shape
-    acc = y.view(num_tokens, top_k, -1).float() * topk_weights.float()[..., None]
+    acc = y.view(num_tokens, top_k, y.shape[1]).float() * topk_weights.float()[..., None]
     return acc.sum(1).to(y.dtype)
 
 
@@ -232,7 +232,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
 @triton.jit
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr,
                      num_pairs, N, stride_am, stride_we, stride_wn, stride_om,
-                     K: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+                     K: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
+                     PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (m, n): rows of tile m (one expert), output columns [n * BLOCK_N, +BLOCK_N).
     # Gated: W rows [0, N) are the gate, [N, 2N) the up projection; out column j = act(j).

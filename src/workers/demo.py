@@ -43,6 +43,18 @@ _ARCHS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False, rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
         high_freq_factor=4.0, original_max_position_embeddings=256))),
+    # MoE: 8 or 4 experts (width 32; Mixtral's is intermediate_size), top-2, with the q/k/v
+    # bias and norm switches of their dense siblings; Qwen2-MoE adds its shared expert,
+    # Qwen3-MoE keeps layer 0 dense to exercise `mlp_only_layers`.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(
+        tie_word_embeddings=True, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, mlp_only_layers=[0])),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(
+        tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, norm_topk_prob=False)),
+    "mixtral": ("MixtralConfig", dict(
+        tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6))),
 }
 
 _ENGLISH = """the of and to in is it that was for on are with as his they be at one have this

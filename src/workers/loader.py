@@ -2,12 +2,12 @@
 
 Each checkpoint tensor goes through its parameter's `weight_loader`. Names of packed projections
 are rewritten with the model's `packed_modules_mapping` (e.g. `...self_attn.k_proj.weight` ->
-`...self_attn.qkv_proj.weight`, shard "k"). Per-expert tensors of a mixture-of-experts block
-(`...experts.{e}.gate_proj.weight`) go to the block's stacked parameter named by the model's
-`expert_weights_mapping` (`...experts.w13_weight`, shard (e, 0)). Every parameter (every shard
-of a packed one, every expert of a stacked one) must be loaded exactly once, and every checkpoint
-tensor must land somewhere: a mismatch means the wrong architecture or a broken checkpoint, and
-fails loudly here rather than as garbage tokens later.
+`...self_attn.qkv_proj.weight`, shard "k"; shard None renames a module). Per-expert tensors of
+a mixture-of-experts block (`...experts.{e}.gate_proj.weight`) go to the block's stacked
+parameter named by the model's `expert_weights_mapping` (`...experts.w13_weight`, shard
+(e, 0)). Every parameter (every shard of a packed one, every expert of a stacked one) must be
+loaded exactly once, and every checkpoint tensor must land somewhere: a mismatch means the wrong
+architecture or a broken checkpoint, and fails loudly here rather than as garbage tokens later.
 """
 
 from __future__ import annotations
@@ -81,17 +81,18 @@ def _target(ckpt_name: str, mapping: dict[str, tuple[str, object]],
             experts: dict[str, tuple[str, object]]) -> tuple[str, object]:
     # "model.layers.0.self_attn.k_proj.weight" -> ("model.layers.0.self_attn.qkv_proj.weight", "k")
     # "model.layers.0.mlp.experts.3.up_proj.weight" -> ("model.layers.0.mlp.experts.w13_weight",
-    # (3, 1))
+    # (3, 1)). A mapping entry with shard None is a plain rename and the scan goes on.
     parts = ckpt_name.split(".")
     for i, part in enumerate(parts):
-        if (part == "experts" and experts and len(parts) > i + 2 and parts[i + 1].isdigit()
+        if (part == "experts" and len(parts) > i + 2 and parts[i + 1].isdigit()
                 and parts[i + 2] in experts):
             stacked, shard = experts[parts[i + 2]]
             return ".".join([*parts[:i + 1], stacked]), (int(parts[i + 1]), shard)
         if part in mapping:
-            packed, shard = mapping[part]
-            return ".".join([*parts[:i], packed, *parts[i + 1:]]), shard
-    return ckpt_name, None
+            parts[i], shard = mapping[part]
+            if shard is not None:
+                return ".".join(parts), shard
+    return ".".join(parts), None
 
 
 def _expected_shards(params: dict[str, nn.Parameter],
@@ -100,7 +101,8 @@ def _expected_shards(params: dict[str, nn.Parameter],
     # `expected_shards` (stacked experts) all of those; any other parameter needs `None`.
     shards_of: dict[str, set[object]] = {}
     for packed, shard in mapping.values():
-        shards_of.setdefault(packed, set()).add(shard)
+        if shard is not None:  # None: a rename, not a packed parameter
+            shards_of.setdefault(packed, set()).add(shard)
     expected = {}
     for name in params:
         parts = name.split(".")

@@ -22,6 +22,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("workers.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("workers.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("workers.models.llama", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("workers.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("workers.models.qwen3_moe", "Qwen2MoeForCausalLM"),
+    "MixtralForCausalLM": ("workers.models.qwen3_moe", "MixtralForCausalLM"),
 }
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.layers import LMHead, Linear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from workers.layers import Linear, LMHead, RMSNorm, RotaryEmbedding, VocabEmbedding
 from workers.models.llama import (
     DecoderArgs,
     DecoderAttention,
