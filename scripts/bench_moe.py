@@ -153,9 +153,11 @@ def bench_kernel(cfg: dict, num_tokens: int, device: str, tile=None) -> dict:
     hit = int(ids.unique().numel())
     moved = hit * 3 * h * i * dtype.itemsize + num_tokens * h * dtype.itemsize * 2
     if device == "cuda":
+        from bench_kernels import graph_time  # CUDA-graph median, shared with bench_kernels
+
         fns = [lambda w13=w13, w2=w2: fused_experts(x, w13, w2, topk_weights, ids, tile)
                for w13, w2 in weights]
-        secs = _graph_time(fns)
+        secs = graph_time(fns) / 1e3  # ms -> s
         ref = fused_experts_ref(x.float(), weights[0][0].float(), weights[0][1].float(),
                                 topk_weights, ids)
         err = float((fns[0]().float() - ref).norm() / ref.norm())
@@ -165,20 +167,6 @@ def bench_kernel(cfg: dict, num_tokens: int, device: str, tile=None) -> dict:
         err = 0.0
     return dict(tokens=num_tokens, experts_hit=hit, us=secs * 1e6, mb_moved=moved / 1e6,
                 gb_s=moved / secs / 1e9, rel_err=err)
-
-
-def _graph_time(fns: list) -> float:
-    """Median seconds of one call, all fns (one per rotated weight copy) in one CUDA graph."""
-    import torch
-
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    return _time(graph.replay, "cuda") / len(fns)
 
 
 SWEEP_TILES = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 4), (16, 128, 64, 4, 3),
