@@ -206,8 +206,10 @@ class ToolCallStreamer:
 # ---------------------------------------------------------------------- built-in parsers
 
 
-class _TaggedJSONParser:
-    """Calls are JSON objects between an open and a close tag; text around them is content."""
+class _TaggedCallParser:
+    """Calls sit between an open and a close tag; text around them is content. Subclasses read
+    one block with `parse_block`, raising ValueError when it is malformed (the whole reply then
+    comes back as plain content)."""
 
     open_tag = "<tool_call>"
     close_tag = "</tool_call>"
@@ -218,6 +220,10 @@ class _TaggedJSONParser:
     def call_id(self) -> str:
         return random_call_id()
 
+    def parse_block(self, text: str, body: int, close: int, final: bool) -> list[ParsedCall]:
+        """Calls of the block starting at `body` (close < 0: its close tag has not arrived)."""
+        raise NotImplementedError
+
     def parse(self, text: str, final: bool) -> ToolParse:
         content: list[str] = []
         calls: list[ParsedCall] = []
@@ -227,24 +233,31 @@ class _TaggedJSONParser:
                 content.append(text[pos:start])
                 body = start + len(self.open_tag)
                 close = text.find(self.close_tag, body)
-                block = text[body:close] if close >= 0 else \
-                    text[body:len(text) - hold_back(text, self.close_tag)]
-                found, end = json_call_list(block, skip_ws(block, 0), "")
-                calls += found
+                calls += self.parse_block(text, body, close, final)
                 if close < 0:
-                    if final and end is not None and found:
-                        return ToolParse("".join(content), calls)  # EOS before the close tag
-                    if final:
-                        raise ValueError("unterminated tool call")
                     return ToolParse("".join(content), calls)
-                if end is None or block[end:].strip() or not found:
-                    raise ValueError("tool call block is not JSON calls")
                 pos = close + len(self.close_tag)
         except ValueError:
             return ToolParse(text, []) if final else ToolParse("".join(content), calls)
         rest = text[pos:]
         content.append(rest if final else rest[:len(rest) - hold_back(rest, self.open_tag)])
         return ToolParse("".join(content), calls)
+
+
+class _TaggedJSONParser(_TaggedCallParser):
+    """Calls are JSON objects between the tags."""
+
+    def parse_block(self, text: str, body: int, close: int, final: bool) -> list[ParsedCall]:
+        block = text[body:close] if close >= 0 else \
+            text[body:len(text) - hold_back(text, self.close_tag)]
+        found, end = json_call_list(block, skip_ws(block, 0), "")
+        if close < 0:
+            if final and not (end is not None and found):  # EOS inside an unfinished call
+                raise ValueError("unterminated tool call")
+            return found
+        if end is None or block[end:].strip() or not found:
+            raise ValueError("tool call block is not JSON calls")
+        return found
 
 
 @register_tool_parser("hermes")
@@ -351,47 +364,26 @@ class PythonicToolParser:
 
 @register_tool_parser("qwen3_xml")
 @register_tool_parser("qwen3_coder")
-class Qwen3XMLToolParser:
+class Qwen3XMLToolParser(_TaggedCallParser):
     """Qwen3-Coder: `<tool_call><function=NAME><parameter=KEY>value</parameter>...</function>
     </tool_call>`; values are converted by the tool's parameter schema (strings stay raw)."""
 
-    open_tag = "<tool_call>"
-    close_tag = "</tool_call>"
-
     def __init__(self, tools: list[dict[str, Any]]):
-        self.markers = (self.open_tag,)
+        super().__init__(tools)
         self.schemas = {t["function"]["name"]: t["function"].get("parameters") or {}
                         for t in tools if isinstance(t.get("function"), dict)
                         and "name" in t["function"]}
 
-    def call_id(self) -> str:
-        return random_call_id()
-
-    def parse(self, text: str, final: bool) -> ToolParse:
-        content: list[str] = []
-        calls: list[ParsedCall] = []
-        pos = 0
-        try:
-            while (start := text.find(self.open_tag, pos)) >= 0:
-                content.append(text[pos:start])
-                body = start + len(self.open_tag)
-                close = text.find(self.close_tag, body)
-                block = text[body:] if close < 0 else text[body:close]
-                call = qwen_xml_function(block, self.schemas, final or close >= 0)
-                if call is not None:
-                    calls.append(call)
-                if close < 0:
-                    if final and call is None:
-                        raise ValueError("unterminated tool call")
-                    return ToolParse("".join(content), calls)
-                if call is None:
-                    raise ValueError("tool call without a function")
-                pos = close + len(self.close_tag)
-        except ValueError:
-            return ToolParse(text, []) if final else ToolParse("".join(content), calls)
-        rest = text[pos:]
-        content.append(rest if final else rest[:len(rest) - hold_back(rest, self.open_tag)])
-        return ToolParse("".join(content), calls)
+    def parse_block(self, text: str, body: int, close: int, final: bool) -> list[ParsedCall]:
+        block = text[body:] if close < 0 else text[body:close]
+        call = qwen_xml_function(block, self.schemas, final or close >= 0)
+        if close < 0:
+            if final and call is None:
+                raise ValueError("unterminated tool call")
+            return [] if call is None else [call]
+        if call is None:
+            raise ValueError("tool call without a function")
+        return [call]
 
 
 # ---------------------------------------------------------------------- forced tool choice
