@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from frontend.registry import Registry
 from frontend.tool_formats import hold_back
 
 __all__ = ["ReasoningParse", "ReasoningParser", "ReasoningStreamer", "REASONING_PARSERS",
@@ -56,26 +57,10 @@ class ReasoningParser(Protocol):
 
 # Built from (rendered prompt text, chat_template_kwargs).
 ReasoningParserFactory = Callable[[str, dict[str, Any]], ReasoningParser]
-REASONING_PARSERS: dict[str, ReasoningParserFactory] = {}
-
-
-def register_reasoning_parser(name: str
-                              ) -> Callable[[ReasoningParserFactory], ReasoningParserFactory]:
-    """Class decorator: make a parser available as `--reasoning-parser NAME`."""
-
-    def add(factory: ReasoningParserFactory) -> ReasoningParserFactory:
-        REASONING_PARSERS[name] = factory
-        return factory
-
-    return add
-
-
-def get_reasoning_parser(name: str) -> ReasoningParserFactory:
-    """The registered parser named `name`; ValueError listing the known names."""
-    if name not in REASONING_PARSERS:
-        raise ValueError(f"reasoning_parser: unknown parser {name!r}; known: "
-                         f"{', '.join(sorted(REASONING_PARSERS))}")
-    return REASONING_PARSERS[name]
+REASONING_PARSERS: Registry[ReasoningParserFactory] = Registry("reasoning_parser")
+# Class decorator: make a parser available as --reasoning-parser NAME.
+register_reasoning_parser = REASONING_PARSERS.register
+get_reasoning_parser = REASONING_PARSERS.get_factory
 
 
 def thinking_enabled(template_kwargs: dict[str, Any]) -> bool:

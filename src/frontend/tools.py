@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from frontend import openai as api
+from frontend.registry import Registry
 from frontend.tool_formats import (
     NamedToolParser,
     ParsedCall,
@@ -66,25 +67,10 @@ class ToolParser(Protocol):
 
 
 ToolParserFactory = Callable[[list[dict[str, Any]]], ToolParser]
-TOOL_PARSERS: dict[str, ToolParserFactory] = {}
-
-
-def register_tool_parser(name: str) -> Callable[[ToolParserFactory], ToolParserFactory]:
-    """Class decorator: make a parser available as `--tool-call-parser NAME`."""
-
-    def add(factory: ToolParserFactory) -> ToolParserFactory:
-        TOOL_PARSERS[name] = factory
-        return factory
-
-    return add
-
-
-def get_tool_parser(name: str) -> ToolParserFactory:
-    """The registered parser named `name`; ValueError listing the known names."""
-    if name not in TOOL_PARSERS:
-        raise ValueError(f"tool_call_parser: unknown parser {name!r}; known: "
-                         f"{', '.join(sorted(TOOL_PARSERS))}")
-    return TOOL_PARSERS[name]
+TOOL_PARSERS: Registry[ToolParserFactory] = Registry("tool_call_parser")
+# Class decorator: make a parser available as --tool-call-parser NAME.
+register_tool_parser = TOOL_PARSERS.register
+get_tool_parser = TOOL_PARSERS.get_factory
 
 
 def load_tool_parser_plugin(path: str) -> None:
