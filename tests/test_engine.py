@@ -90,6 +90,17 @@ def test_greedy_with_forced_preemption(tiny_models, arch):
         assert llm.get_stats().kv_cache_usage == 0.0
 
 
+@pytest.mark.parametrize("arch", ["llama"])
+def test_synchronous_scheduling_matches_transformers(tiny_models, arch):
+    # --no-async-scheduling: one step at a time, with chunking and preemption forced.
+    model_dir = tiny_models[arch]
+    prompts = random_prompts(6, seed=9, lo=20, hi=60)
+    with LLM(model_dir, async_scheduling=False, max_num_batched_tokens=32,
+             num_gpu_blocks_override=14) as llm:
+        check_greedy(llm, model_dir, prompts)
+        assert llm.get_stats().num_preemptions > 0
+
+
 def test_prefix_cache_hits_and_counters(tiny_models):
     model_dir = tiny_models["qwen3"]
     shared = random_prompts(1, seed=4, lo=40, hi=40)[0]
