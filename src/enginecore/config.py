@@ -26,6 +26,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights, config.json only
     enforce_eager: bool = False  # never capture CUDA graphs
+    # most logprobs / prompt_logprobs per position a request may ask for (-1: up to the vocab)
+    max_logprobs: int = 20
     # Derived from the checkpoint by `EngineConfig.create`.
     architecture: str = ""
     vocab_size: int = 0
@@ -127,6 +129,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"block_size must be a power of two, got {c.block_size}")
         if not 0.0 < c.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.model.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be >= -1, got {self.model.max_logprobs}")
         if self.parallel.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
         backend = self.structured_outputs.backend

@@ -63,6 +63,7 @@ class Processor:
             raise ValueError(f"prompt_token_ids contains id {bad[0]} outside the vocabulary "
                              f"[0, {self.vocab_size})")
         params.validate(self.vocab_size)
+        self._check_logprobs(params)
         if params.structured_outputs is not None:
             params = msgspec.structs.replace(
                 params, structured_outputs=self._structured_outputs(params.structured_outputs))
@@ -72,6 +73,14 @@ class Processor:
         return AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                           sampling=params, client_index=client_index, arrival_time=time.time(),
                           priority=priority, cache_salt=cache_salt)
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        """`--max-logprobs` caps the top-k a request may ask for (each costs a row of output)."""
+        cap = self.config.model.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if cap >= 0 and value is not None and value > cap:
+                raise ValueError(f"{name}: at most {cap} (--max-logprobs), got {value}")
 
     def _structured_outputs(self, so: StructuredOutputsParams) -> StructuredOutputsParams:
         """Apply the engine-wide defaults, then check the constraint compiles (ValueError with

@@ -4,6 +4,7 @@
     GET  /v1/models                              the served model names
     POST /tokenize, /detokenize                  the tokenizer (vLLM's request shapes)
     GET  /health (503 once the engine is dead), /version, /metrics (Prometheus)
+    GET  /openapi.json                           this API as OpenAPI 3.1 (`openapi_spec.py`)
     POST /reset_prefix_cache
 
 Every failure answers OpenAI's error JSON {"error": {"message", "type", "param", "code"}}: 400 for
@@ -34,6 +35,7 @@ from frontend import openai as api
 from frontend.cli import ServerConfig
 from frontend.client import AsyncEngine, EngineDeadError
 from frontend.metrics import ServerMetrics
+from frontend.openapi_spec import build_openapi_spec
 from frontend.serving import APIError, OpenAIServing
 
 logger = logging.getLogger("frontend.server")
@@ -52,6 +54,13 @@ def error_response(status: int, message: str, param: str | None = None) -> web.R
     body = api.ErrorResponse.create(message, _ERROR_TYPES.get(status, "InternalServerError"),
                                     status, param)
     return web.json_response(body=api.json_encoder.encode(body), status=status)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tinyllm-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _param_of(message: str) -> str | None:
@@ -95,6 +104,7 @@ class OpenAIServer:
         self.serving = OpenAIServing(engine, config, self.metrics)
         self.created = int(time.time())
         self._auth = None if config.api_key is None else f"Bearer {config.api_key}".encode()
+        self._openapi: bytes | None = None
         self.app = web.Application(middlewares=[self._errors, self._check_key],
                                    client_max_size=MAX_BODY_BYTES)
         self.app.add_routes([
@@ -104,6 +114,7 @@ class OpenAIServer:
             web.post("/detokenize", self.detokenize), web.get("/health", self.health),
             web.get("/version", self.version), web.get("/metrics", self.metrics_endpoint),
             web.post("/reset_prefix_cache", self.reset_prefix_cache),
+            web.get("/openapi.json", self.openapi),
         ])
 
     # ------------------------------------------------------------ middlewares
@@ -146,11 +157,14 @@ class OpenAIServer:
         return web.Response()
 
     async def version(self, request: web.Request) -> web.Response:
-        try:
-            version = importlib.metadata.version("tinyllm-serve")
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
-        return web.json_response({"version": version})
+        return web.json_response({"version": _version()})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        if self._openapi is None:  # built on first use, then served as is
+            self._openapi = msgspec.json.encode(build_openapi_spec(
+                _version(), {"/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest},
+                secured=self._auth is not None))
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def models(self, request: web.Request) -> web.Response:
         root = self.engine.config.model.model

@@ -40,7 +40,6 @@ from sampling.params import SamplingParams
 logger = logging.getLogger("frontend.serving")
 
 _MAX_CHOICES = 256  # prompts x n in one request
-_MAX_LOGPROBS = 20  # top-k logprobs per position (vLLM's default max_logprobs)
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
@@ -242,10 +241,6 @@ class OpenAIServing:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. You "
                            f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in "
                            f"the {where}, {params.max_tokens} for the completion).", "max_tokens")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > _MAX_LOGPROBS:
-                raise APIError(400, f"{name}: at most {_MAX_LOGPROBS}, got {value}", name)
         self.engine.processor.make_request("validate", prompt.token_ids, params)
         return params
 
