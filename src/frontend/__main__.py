@@ -199,7 +199,8 @@ async def _run_api_server(spec: ApiServerSpec) -> None:
         # handler_cancellation: a disconnected client cancels its handler, which aborts its
         # engine requests; shutdown_timeout bounds how long in-flight requests may finish.
         runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=1.0)
+                               shutdown_timeout=1.0,
+                               keepalive_timeout=spec.server.timeout_keep_alive)
         await runner.setup()
         await web.SockSite(runner, socket.socket(fileno=spec.fd)).start()
         logger.info("ready")

@@ -36,6 +36,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     chat_template: str | None = None  # jinja file or inline template replacing the tokenizer's
     enable_log_requests: bool = False  # log each request's prompt and sampling parameters
     max_log_len: int | None = None  # prompt characters / token ids logged per request
+    timeout_keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    # seconds a client may take to send its request body (slow senders get 408)
+    request_body_timeout: float = 30.0
     # let the model call tools on its own (tool_choice "auto"); needs --tool-call-parser
     enable_auto_tool_choice: bool = False
     # format of tool calls in the output: hermes, llama3_json, mistral, pythonic, qwen3_xml, or

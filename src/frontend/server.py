@@ -42,7 +42,8 @@ logger = logging.getLogger("frontend.server")
 
 MAX_BODY_BYTES = 16 << 20  # larger request bodies are answered 413
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                405: "MethodNotAllowedError", 413: "RequestTooLargeError",
+                405: "MethodNotAllowedError", 408: "RequestTimeoutError",
+                413: "RequestTooLargeError",
                 503: "ServiceUnavailableError"}
 # Where a ValueError message names the offending field: msgspec paths, SamplingParams, "field: ".
 _PARAM_RES = (re.compile(r"at `\$\.(\w+)"), re.compile(r"required field `(\w+)`"),
@@ -105,7 +106,7 @@ class OpenAIServer:
         self.created = int(time.time())
         self._auth = None if config.api_key is None else f"Bearer {config.api_key}".encode()
         self._openapi: bytes | None = None
-        self.app = web.Application(middlewares=[self._errors, self._check_key],
+        self.app = web.Application(middlewares=[self._errors, self._check_key, self._read_body],
                                    client_max_size=MAX_BODY_BYTES)
         self.app.add_routes([
             web.post("/v1/completions", self.serving.completions),
@@ -118,6 +119,18 @@ class OpenAIServer:
         ])
 
     # ------------------------------------------------------------ middlewares
+
+    @web.middleware
+    async def _read_body(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Read a POST body within `request_body_timeout` (aiohttp caches it for the handler):
+        a client trickling its body must not hold a handler forever."""
+        if request.method == "POST" and request.can_read_body:
+            try:
+                await asyncio.wait_for(request.read(), self.config.request_body_timeout)
+            except TimeoutError:
+                return error_response(408, "request body not received within "
+                                           f"{self.config.request_body_timeout} s")
+        return await handler(request)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:

@@ -1,10 +1,13 @@
 """Security and resource limits of the API (the cases tests/e2e/test_bad_input.py does not cover):
 `--max-logprobs`, the cap on choices per request (prompts x n), the API key (only /v1/*, any
-wrong key refused, the OpenAPI document says so). `--max-model-len` and the 16 MiB body limit are
-in test_bad_input.py.
+wrong key refused, the OpenAPI document says so), the request-body timeout (408).
+`--max-model-len` and the 16 MiB body limit are in test_bad_input.py.
 """
 
 from __future__ import annotations
+
+import socket
+import time
 
 import pytest
 from e2e_server import TINY_ENGINE_FLAGS, http
@@ -20,7 +23,23 @@ AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def server(server_factory, tiny_model_dir):
     return server_factory([tiny_model_dir, *TINY_ENGINE_FLAGS, "--max-logprobs", "2",
-                           "--api-key", KEY])
+                           "--api-key", KEY, "--request-body-timeout", "1"])
+
+
+def test_slow_request_body_gets_408_and_frees_the_handler(server):
+    # Headers promise 100 bytes, 10 arrive, then nothing: the server answers 408 in ~1 s instead
+    # of holding the handler open, and keeps serving others.
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST {C} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                     '{"prompt":'.encode())
+        start = time.monotonic()
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408"), reply
+    assert time.monotonic() - start < 5
+    status, _ = http("POST", server.url + C, {"prompt": "hi", "max_tokens": 1}, headers=AUTH)
+    assert status == 200
 
 
 @pytest.mark.parametrize(("path", "body", "param"), [
