@@ -31,11 +31,11 @@ from enginecore.protocol import (
     worker_input_decoder,
 )
 from shm import BroadcastQueue
+from workers.models import read_hf_config, resolve_dtype
 from workers.runner import ModelRunner
 
 logger = logging.getLogger("workers")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CPU_KV_DEFAULT_BYTES = 512 << 20
 
 
@@ -44,15 +44,6 @@ def resolve_device(config: EngineConfig) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", 0)
     return torch.device("cpu")
-
-
-def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
-    name = config.model.dtype
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
-    return _DTYPES[name]
 
 
 class Worker:
@@ -64,7 +55,8 @@ class Worker:
         self.parent_pid = parent_pid
         torch.manual_seed(config.model.seed)
         self.device = resolve_device(config)
-        self.dtype = resolve_dtype(config, self.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device,
+                                   read_hf_config(config.model.model))
         self.runner = ModelRunner(config, self.device, self.dtype)
 
     def parent_gone(self) -> bool:

@@ -57,6 +57,8 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device | str,
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
         return _DTYPES[dtype]
     if torch.device(device).type == "cpu":
         return torch.float32
