@@ -47,13 +47,15 @@ PRESETS = {
 }
 
 
-def make_preset(name: str) -> str:
-    """A checkpoint folder with the preset's config.json and the demo tokenizer (no weights)."""
+def make_preset(name: str, **overrides) -> str:
+    """A checkpoint folder with the preset's config.json (plus `overrides`) and the demo
+    tokenizer (no weights)."""
     from workers.demo import build_tokenizer
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     build_tokenizer(out)
-    (out / "config.json").write_text(json.dumps({**PRESETS[name], "dtype": "bfloat16"}))
+    config = {**PRESETS[name], "dtype": "bfloat16", **overrides}
+    (out / "config.json").write_text(json.dumps(config))
     return str(out)
 
 
