@@ -30,6 +30,7 @@ from enginecore.protocol import (
     Control,
     CoreReady,
     EngineOutputs,
+    MMInput,
     SchedulerStats,
     TokenDelta,
     core_output_decoder,

@@ -29,10 +29,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from enginecore.protocol import MMInput
 from frontend import openai as api
 from frontend.chat import ChatFeatures, ChatPlan, ChoiceParser
 from frontend.cli import ServerConfig
 from frontend.client import AsyncEngine, EngineDeadError
+from frontend.media import MediaConnector
 from frontend.metrics import RequestTracker, ServerMetrics
 from frontend.outputs import CompletionOutput, OutputKind, PositionLogprobs, RequestOutput
 from sampling.params import SamplingParams
@@ -57,6 +59,7 @@ class _Prompt:
     text: str | None
     token_ids: list[int]
     echo: str = ""  # prepended to every choice's text when the request echoes
+    mm_inputs: list[MMInput] | None = None  # images / videos of a chat prompt
 
 
 @dataclass
@@ -137,6 +140,7 @@ class OpenAIServing:
         self.model_names = list(config.served_model_name) or [engine.config.model.model]
         self.chat_template = _read_template(config.chat_template)
         self.chat_features = ChatFeatures(config, self.tokenizer)
+        self.media = MediaConnector(engine.config.multimodal)
 
     @property
     def max_model_len(self) -> int:
@@ -162,22 +166,28 @@ class OpenAIServing:
         """POST /v1/chat/completions."""
         req = api.chat_request_decoder.decode(await request.read())
         plan = self.chat_features.plan(req)
-        job = self._make_job(req, [self.chat_prompt(req, plan)], chat=True, plan=plan)
+        job = self._make_job(req, [await self.chat_prompt(req, plan)], chat=True, plan=plan)
         for c in job.choices:
             c.parser = plan.choice_parser()
         return await self._respond(request, job)
 
-    def chat_prompt(self, req: api.ChatCompletionRequest, plan: ChatPlan | None = None) -> _Prompt:
-        """Render the messages (and tools) with the chat template and tokenize the result."""
+    async def chat_prompt(self, req: api.ChatCompletionRequest,
+                          plan: ChatPlan | None = None) -> _Prompt:
+        """Render the messages (and tools) with the chat template and tokenize the result;
+        fetch and preprocess the images and videos of content parts (multimodal models)."""
         plan = plan or self.chat_features.plan(req)
         messages = []
+        media: list[tuple[str, str, str | None, str]] = []  # modality, url, uuid, where
         for i, m in enumerate(req.messages):
             message = msgspec.to_builtins(m)
             if isinstance(m.content, list):
-                if not all(isinstance(part, api.TextPart) for part in m.content):
+                if all(isinstance(part, api.TextPart) for part in m.content):
+                    message["content"] = m.text_content()
+                elif self.engine.processor.mm is None:
                     raise APIError(400, f"messages[{i}].content: this model takes text only",
                                    "messages")
-                message["content"] = m.text_content()
+                else:
+                    message["content"] = _media_parts(i, m.content, media)
             messages.append(message)
         kwargs: dict[str, Any] = {
             "add_generation_prompt": req.add_generation_prompt,
@@ -189,12 +199,38 @@ class OpenAIServing:
         except TypeError as e:
             raise APIError(400, f"chat_template_kwargs: {e}", "chat_template_kwargs") from e
         ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        mm_inputs = await self._load_media(ids, media) if media else None
+        if mm_inputs is not None:
+            ids = mm_inputs[0]
         plan.prompt = text
         # vLLM's echo: a reply that continues a final assistant message repeats that message.
         echo = ""
         if req.echo and messages[-1].get("role") == "assistant":
             echo = messages[-1].get("content") or ""
-        return _Prompt(text, ids, echo)
+        return _Prompt(text, ids, echo, mm_inputs[1] if mm_inputs is not None else None)
+
+    async def _load_media(self, ids: list[int], media: list[tuple[str, str, str | None, str]]
+                          ) -> tuple[list[int], list[MMInput]]:
+        """Fetch every item (concurrently), then expand the prompt's placeholders."""
+        mm = self.engine.processor.mm
+        assert mm is not None
+        for modality in ("image", "video"):
+            count = sum(1 for m in media if m[0] == modality)
+            if count > mm.limit(modality):
+                raise APIError(400, f"messages: {count} {modality} items; at most "
+                               f"{mm.limit(modality)} per prompt (--limit-mm-per-prompt)",
+                               "messages")
+        loaded = await asyncio.gather(*(
+            self.media.load_image(url, where) if modality == "image"
+            else self.media.load_video(url, where) for modality, url, _, where in media))
+        data: dict[str, list] = {"image": [], "video": []}
+        uuids: dict[str, list[str | None]] = {"image": [], "video": []}
+        for (modality, _, item_id, _), item in zip(media, loaded, strict=True):
+            data[modality].append(item)
+            uuids[modality].append(item_id)
+        data = {k: v for k, v in data.items() if v}
+        # Resizing and hashing are CPU work: keep the event loop serving other requests.
+        return await asyncio.to_thread(mm.process, ids, data, uuids)
 
     def model_name(self, requested: str | None) -> str:
         """The served name to answer with; APIError 404 for a name we do not serve."""
@@ -267,7 +303,8 @@ class OpenAIServing:
     async def _outputs(self, job: _Job) -> AsyncIterator[tuple[_Choice, CompletionOutput]]:
         """Run the job's engine requests; yield (choice, its delta) as outputs arrive."""
         streams = [self.engine.generate(
-            {"prompt": p.text, "prompt_token_ids": p.token_ids}, params, job.engine_id(i),
+            {"prompt": p.text, "prompt_token_ids": p.token_ids, "mm_inputs": p.mm_inputs},
+            params, job.engine_id(i),
             priority=job.priority, cache_salt=job.cache_salt, output_kind=OutputKind.DELTA)
             for i, (p, params) in enumerate(zip(job.prompts, job.params, strict=True))]
         try:
@@ -500,3 +537,23 @@ def _read_template(template: str | None) -> str | None:
     if template is not None and "{" not in template and Path(template).is_file():
         return Path(template).read_text(encoding="utf-8")
     return template
+
+
+def _media_parts(i: int, parts: list[api.ContentPart],
+                 media: list[tuple[str, str, str | None, str]]) -> list[dict[str, Any]]:
+    """Content parts as the chat template sees them; images and videos are queued in `media`."""
+    out: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        where = f"messages[{i}].content[{j}]"
+        if isinstance(part, api.TextPart):
+            out.append({"type": "text", "text": part.text})
+        elif isinstance(part, api.ImagePart):
+            out.append({"type": "image"})
+            media.append(("image", part.image_url.url, part.uuid, where + ".image_url"))
+        elif isinstance(part, api.VideoPart):
+            out.append({"type": "video"})
+            media.append(("video", part.video_url.url, part.uuid, where + ".video_url"))
+        else:
+            raise APIError(400, f"{where}: audio inputs are not supported by this model",
+                           "messages")
+    return out
