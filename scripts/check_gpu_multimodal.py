@@ -24,8 +24,13 @@ from PIL import Image
 from enginecore.config import MultiModalConfig
 from frontend import LLM, SamplingParams
 from frontend.multimodal import MultiModalProcessor
-from workers.demo_vl import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID, \
-    build_tiny_vl_checkpoint
+from workers.demo_vl import (
+    IMAGE_PAD_ID,
+    VIDEO_PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    build_tiny_vl_checkpoint,
+)
 
 MAX_NEW = 16
 IMG = [VISION_START_ID, IMAGE_PAD_ID, VISION_END_ID]

@@ -23,14 +23,46 @@ import base64
 import binascii
 import io
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import aiohttp
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from enginecore.config import MultiModalConfig
+from enginecore.protocol import MMInput
+from frontend import openai as api
+from frontend.multimodal import MultiModalProcessor
 
 _MAX_VIDEO_FRAMES = 32
 _CHUNK = 64 * 1024
+
+
+class MediaRef(NamedTuple):
+    """One image or video of a chat request, before it is fetched."""
+
+    modality: str  # "image" | "video"
+    url: str
+    uuid: str | None
+    where: str  # the content part, for error messages: "messages[0].content[1].image_url"
+
+
+def media_parts(i: int, parts: list[api.ContentPart], media: list[MediaRef]
+                ) -> list[dict[str, Any]]:
+    """Message i's content parts as the chat template sees them; media are queued in `media`."""
+    out: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        where = f"messages[{i}].content[{j}]"
+        if isinstance(part, api.TextPart):
+            out.append({"type": "text", "text": part.text})
+        elif isinstance(part, api.ImagePart):
+            out.append({"type": "image"})
+            media.append(MediaRef("image", part.image_url.url, part.uuid, where + ".image_url"))
+        elif isinstance(part, api.VideoPart):
+            out.append({"type": "video"})
+            media.append(MediaRef("video", part.video_url.url, part.uuid, where + ".video_url"))
+        else:
+            raise ValueError(f"{where}: audio inputs are not supported by this model")
+    return out
 
 
 class MediaConnector:
@@ -39,6 +71,26 @@ class MediaConnector:
     def __init__(self, config: MultiModalConfig) -> None:
         self.config = config
         self._session: aiohttp.ClientSession | None = None
+
+    async def load_prompt_media(self, processor: MultiModalProcessor, ids: list[int],
+                                media: list[MediaRef]) -> tuple[list[int], list[MMInput]]:
+        """Check the limits, fetch every item concurrently, expand the prompt's placeholders."""
+        for modality in ("image", "video"):
+            count = sum(1 for m in media if m.modality == modality)
+            if count > processor.limit(modality):
+                raise ValueError(f"messages: {count} {modality} items; at most "
+                                 f"{processor.limit(modality)} per prompt "
+                                 "(--limit-mm-per-prompt)")
+        loaded = await asyncio.gather(*(
+            self.load_image(m.url, m.where) if m.modality == "image"
+            else self.load_video(m.url, m.where) for m in media))
+        data: dict[str, list[Any]] = {}
+        uuids: dict[str, list[str | None]] = {}
+        for ref, item in zip(media, loaded, strict=True):
+            data.setdefault(ref.modality, []).append(item)
+            uuids.setdefault(ref.modality, []).append(ref.uuid)
+        # Resizing and hashing are CPU work: keep the event loop serving other requests.
+        return await asyncio.to_thread(processor.process, ids, data, uuids)
 
     async def load_image(self, url: str, where: str) -> Image.Image:
         """One image; `where` (e.g. "messages[0].content[1].image_url") prefixes errors."""

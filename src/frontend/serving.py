@@ -34,7 +34,7 @@ from frontend import openai as api
 from frontend.chat import ChatFeatures, ChatPlan, ChoiceParser
 from frontend.cli import ServerConfig
 from frontend.client import AsyncEngine, EngineDeadError
-from frontend.media import MediaConnector
+from frontend.media import MediaConnector, MediaRef, media_parts
 from frontend.metrics import RequestTracker, ServerMetrics
 from frontend.outputs import CompletionOutput, OutputKind, PositionLogprobs, RequestOutput
 from sampling.params import SamplingParams
@@ -177,7 +177,7 @@ class OpenAIServing:
         fetch and preprocess the images and videos of content parts (multimodal models)."""
         plan = plan or self.chat_features.plan(req)
         messages = []
-        media: list[tuple[str, str, str | None, str]] = []  # modality, url, uuid, where
+        media: list[MediaRef] = []
         for i, m in enumerate(req.messages):
             message = msgspec.to_builtins(m)
             if isinstance(m.content, list):
@@ -187,7 +187,7 @@ class OpenAIServing:
                     raise APIError(400, f"messages[{i}].content: this model takes text only",
                                    "messages")
                 else:
-                    message["content"] = _media_parts(i, m.content, media)
+                    message["content"] = media_parts(i, m.content, media)
             messages.append(message)
         kwargs: dict[str, Any] = {
             "add_generation_prompt": req.add_generation_prompt,
@@ -199,7 +199,10 @@ class OpenAIServing:
         except TypeError as e:
             raise APIError(400, f"chat_template_kwargs: {e}", "chat_template_kwargs") from e
         ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
-        mm_inputs = await self._load_media(ids, media) if media else None
+        mm_inputs = None
+        if media:
+            assert self.engine.processor.mm is not None
+            mm_inputs = await self.media.load_prompt_media(self.engine.processor.mm, ids, media)
         if mm_inputs is not None:
             ids = mm_inputs[0]
         plan.prompt = text
@@ -208,29 +211,6 @@ class OpenAIServing:
         if req.echo and messages[-1].get("role") == "assistant":
             echo = messages[-1].get("content") or ""
         return _Prompt(text, ids, echo, mm_inputs[1] if mm_inputs is not None else None)
-
-    async def _load_media(self, ids: list[int], media: list[tuple[str, str, str | None, str]]
-                          ) -> tuple[list[int], list[MMInput]]:
-        """Fetch every item (concurrently), then expand the prompt's placeholders."""
-        mm = self.engine.processor.mm
-        assert mm is not None
-        for modality in ("image", "video"):
-            count = sum(1 for m in media if m[0] == modality)
-            if count > mm.limit(modality):
-                raise APIError(400, f"messages: {count} {modality} items; at most "
-                               f"{mm.limit(modality)} per prompt (--limit-mm-per-prompt)",
-                               "messages")
-        loaded = await asyncio.gather(*(
-            self.media.load_image(url, where) if modality == "image"
-            else self.media.load_video(url, where) for modality, url, _, where in media))
-        data: dict[str, list] = {"image": [], "video": []}
-        uuids: dict[str, list[str | None]] = {"image": [], "video": []}
-        for (modality, _, item_id, _), item in zip(media, loaded, strict=True):
-            data[modality].append(item)
-            uuids[modality].append(item_id)
-        data = {k: v for k, v in data.items() if v}
-        # Resizing and hashing are CPU work: keep the event loop serving other requests.
-        return await asyncio.to_thread(mm.process, ids, data, uuids)
 
     def model_name(self, requested: str | None) -> str:
         """The served name to answer with; APIError 404 for a name we do not serve."""
@@ -538,22 +518,3 @@ def _read_template(template: str | None) -> str | None:
         return Path(template).read_text(encoding="utf-8")
     return template
 
-
-def _media_parts(i: int, parts: list[api.ContentPart],
-                 media: list[tuple[str, str, str | None, str]]) -> list[dict[str, Any]]:
-    """Content parts as the chat template sees them; images and videos are queued in `media`."""
-    out: list[dict[str, Any]] = []
-    for j, part in enumerate(parts):
-        where = f"messages[{i}].content[{j}]"
-        if isinstance(part, api.TextPart):
-            out.append({"type": "text", "text": part.text})
-        elif isinstance(part, api.ImagePart):
-            out.append({"type": "image"})
-            media.append(("image", part.image_url.url, part.uuid, where + ".image_url"))
-        elif isinstance(part, api.VideoPart):
-            out.append({"type": "video"})
-            media.append(("video", part.video_url.url, part.uuid, where + ".video_url"))
-        else:
-            raise APIError(400, f"{where}: audio inputs are not supported by this model",
-                           "messages")
-    return out

@@ -122,8 +122,8 @@ class VisionTransformer(nn.Module):
             raise NotImplementedError(f"vision hidden_act {vcfg['hidden_act']!r}")
         dim, heads = vcfg["embed_dim"], vcfg["num_heads"]
         self.merge = vcfg.get("spatial_merge_size", 2)
-        c, tp, p = vcfg.get("in_channels", 3), vcfg.get("temporal_patch_size", 2), \
-            vcfg.get("patch_size", 14)
+        c = vcfg.get("in_channels", 3)
+        tp, p = vcfg.get("temporal_patch_size", 2), vcfg.get("patch_size", 14)
         self.patch_embed = nn.Module()
         # The checkpoint's Conv3d weight [E, C, Tp, P, P]; stride == kernel, so it is a matmul.
         self.patch_embed.proj = nn.Module()
