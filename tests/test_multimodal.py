@@ -179,3 +179,25 @@ def test_engine_greedy_matches_transformers(vl_dir: str, hf: torch.nn.Module,
         assert other.num_cached_tokens <= 2
         ids, mm = proc.process(prompt, {"image": image(10, 112, 112)})
         assert other.outputs[0].token_ids == hf_greedy(hf, ids, mm, 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_on_cuda_matches_transformers(vl_dir: str, hf: torch.nn.Module,
+                                             proc: MultiModalProcessor) -> None:
+    """The same prompts through the CUDA path (Triton kernels, CUDA graphs for decode)."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = [hf_greedy(hf, *proc.process(p, d), 6) for p, d in CASES.values()]
+    with LLM(vl_dir, device="cuda", dtype="float32", kv_cache_memory_bytes=1 << 26,
+             max_num_batched_tokens=8, max_num_encoder_input_tokens=16) as llm:
+        prompts = [{"prompt_token_ids": p, "multi_modal_data": d} for p, d in CASES.values()]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+def test_encoder_profile_run_shapes(vl_dir: str) -> None:
+    """Memory profiling encodes the largest square image the encoder budget allows."""
+    from workers.multimodal import MultiModalRunner
+
+    runner = MultiModalRunner(load_model(vl_dir, torch.float32, "cpu"), torch.device("cpu"))
+    runner.profile(20)  # 4x4 merged tokens: a 112x112 image
+    assert runner.cache == {}

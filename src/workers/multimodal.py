@@ -14,6 +14,7 @@ Dimension legend: T tokens in the step, P prompt tokens, H hidden size, L item's
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,13 @@ class MultiModalRunner:
             return None, 0
         return self.model.mrope_positions(num_prompt,
                                           [(m.offset, m.grid_thw) for m in mm_inputs])
+
+    def profile(self, max_tokens: int) -> None:
+        """Encode the largest square image `max_tokens` allows (memory profiling's peak)."""
+        side, m = max(1, math.isqrt(max_tokens)), self.model.spatial_merge_size
+        row = self.model.visual.patch_embed.proj.weight[0].numel()  # C*Tp*P*P
+        pixels = torch.zeros(side * side * m * m, row, device=self.device)
+        self.model.encode(pixels, [[1, side * m, side * m]])
 
     def free(self, hashes: list[str]) -> None:
         """Drop encoder outputs no running request needs any more."""

@@ -140,6 +140,8 @@ class ModelRunner:
         rows = min(sched.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         torch.softmax(logits, dim=-1).argmax(-1)
+        if self.mm is not None:  # the vision tower's activations at the encoder budget
+            self.mm.profile(sched.max_num_encoder_input_tokens or sched.max_num_batched_tokens)
 
     # ------------------------------------------------------------ step
 
