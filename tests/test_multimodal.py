@@ -93,6 +93,9 @@ def test_placeholder_expansion_and_errors(proc: MultiModalProcessor, vl_dir: str
     assert mm[0].hash != mm[1].hash
     again = proc.process([*IMG], {"image": image(0)})[1][0]
     assert again.hash == mm[0].hash  # content hash: equal pixels, equal key
+    named = proc.process([*IMG, *IMG], {"image": [image(0), image(1)]},
+                         {"image": ["my-cat", None]})[1]
+    assert named[0].hash == "my-cat" and named[1].hash not in ("my-cat", mm[0].hash)
     with pytest.raises(ValueError, match="2 image item.*1 image placeholder"):
         proc.process([5, *IMG], {"image": [image(0), image(1)]})
     with pytest.raises(ValueError, match="multi_modal_data: unsupported modality 'audio'"):
@@ -179,6 +182,12 @@ def test_engine_greedy_matches_transformers(vl_dir: str, hf: torch.nn.Module,
         assert other.num_cached_tokens <= 2
         ids, mm = proc.process(prompt, {"image": image(10, 112, 112)})
         assert other.outputs[0].token_ids == hf_greedy(hf, ids, mm, 6)
+        # A text prompt with the placeholder written out, as in vLLM's examples.
+        text = "look <|vision_start|><|image_pad|><|vision_end|> what is it"
+        out = llm.generate({"prompt": text, "multi_modal_data": {"image": image(11)}}, params,
+                           use_tqdm=False)[0]
+        ids, mm = proc.process(llm.engine.tokenizer.encode(text), {"image": image(11)})
+        assert len(mm) == 1 and out.outputs[0].token_ids == hf_greedy(hf, ids, mm, 6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
