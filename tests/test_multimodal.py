@@ -210,3 +210,19 @@ def test_encoder_profile_run_shapes(vl_dir: str) -> None:
     runner = MultiModalRunner(load_model(vl_dir, torch.float32, "cpu"), torch.device("cpu"))
     runner.profile(20)  # 4x4 merged tokens: a 112x112 image
     assert runner.cache == {}
+
+
+def test_item_larger_than_the_encoder_budget_is_rejected_up_front(vl_dir: str) -> None:
+    from enginecore.config import EngineConfig
+    from frontend.processor import Processor
+    from frontend.tokenizer import Tokenizer
+
+    processor = Processor(EngineConfig.create(vl_dir, max_num_batched_tokens=8),
+                          Tokenizer.from_pretrained(vl_dir))
+    _, ids, mm = processor.process_prompt({"prompt_token_ids": [5, *IMG],
+                                           "multi_modal_data": {"image": image(0, 112, 112)}})
+    with pytest.raises(ValueError, match="image of 16 tokens exceeds the encoder budget of 8"):
+        processor.make_request("r", ids, SamplingParams(), mm_inputs=mm)
+    processor.mm = None  # as for a text-only checkpoint
+    with pytest.raises(ValueError, match="multi_modal_data: this model takes text only"):
+        processor.process_prompt({"prompt": "hi", "multi_modal_data": {"image": image(0)}})

@@ -86,6 +86,7 @@ class Processor:
                              f"[0, {self.vocab_size})")
         params.validate(self.vocab_size)
         self._check_logprobs(params)
+        self._check_mm_inputs(mm_inputs)
         if params.structured_outputs is not None:
             params = msgspec.structs.replace(
                 params, structured_outputs=self._structured_outputs(params.structured_outputs))
@@ -95,6 +96,17 @@ class Processor:
         return AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                           sampling=params, client_index=client_index, arrival_time=time.time(),
                           priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs)
+
+    def _check_mm_inputs(self, mm_inputs: list[MMInput] | None) -> None:
+        """An item must fit the encoder budget and cache, or it could never be scheduled."""
+        sched = self.config.scheduler
+        limit = min(sched.max_num_encoder_input_tokens or sched.max_num_batched_tokens,
+                    sched.encoder_cache_size or sched.max_num_batched_tokens)
+        for item in mm_inputs or ():
+            if item.length > limit:
+                raise ValueError(f"multi_modal_data: a {item.modality} of {item.length} tokens "
+                                 f"exceeds the encoder budget of {limit} tokens "
+                                 "(--max-num-encoder-input-tokens, --encoder-cache-size)")
 
     def _check_logprobs(self, params: SamplingParams) -> None:
         """`--max-logprobs` caps the top-k a request may ask for (each costs a row of output)."""

@@ -257,7 +257,8 @@ class OpenAIServing:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. You "
                            f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in "
                            f"the {where}, {params.max_tokens} for the completion).", "max_tokens")
-        self.engine.processor.make_request("validate", prompt.token_ids, params)
+        self.engine.processor.make_request("validate", prompt.token_ids, params,
+                                           mm_inputs=prompt.mm_inputs)
         return params
 
     def _log_request(self, job: _Job) -> None:
