@@ -232,7 +232,8 @@ class Scheduler:
                 continue  # its last token is already being sampled in flight
             num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens,
                           plan.budget)
-            num_new, to_encode = self._plan_encoder(request, num_new, plan)
+            num_new, to_encode = self._plan_encoder(request, request.num_computed_tokens,
+                                                    num_new, plan)
             if num_new <= 0:
                 continue
             block_ids = self._allocate_or_preempt(request, num_new, plan)
@@ -286,9 +287,7 @@ class Scheduler:
                 if not self.sched_config.enable_chunked_prefill:
                     break  # wait for a step where it fits whole; keep FCFS order
                 num_new = plan.budget
-            request.num_computed_tokens = num_hit  # where the encoder planning starts
-            num_new, to_encode = self._plan_encoder(request, num_new, plan)
-            request.num_computed_tokens = 0
+            num_new, to_encode = self._plan_encoder(request, num_hit, num_new, plan)
             if num_new <= 0:
                 break
             block_ids = self.kv.allocate_slots(request, num_new, computed_blocks=hit_blocks)
@@ -303,13 +302,14 @@ class Scheduler:
 
     # ------------------------------------------------------------ encoder (multimodal)
 
-    def _plan_encoder(self, request: Request, num_new: int,
+    def _plan_encoder(self, request: Request, start: int, num_new: int,
                       plan: _StepPlan) -> tuple[int, list[int]]:
-        """Cut `num_new` before an item this step cannot encode; the items it must encode."""
+        """Cut [start, start + num_new) before an item this step cannot encode; the items it
+        must encode."""
         if not request.mm_inputs:
             return num_new, []
-        return self.encoder_cache.plan(request, request.num_computed_tokens, num_new,
-                                       plan.encoder_budget, plan.encoding)
+        return self.encoder_cache.plan(request, start, num_new, plan.encoder_budget,
+                                       plan.encoding)
 
     def _commit_encoder(self, request: Request, num_new: int, to_encode: list[int],
                         plan: _StepPlan) -> None:
