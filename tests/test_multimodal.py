@@ -182,6 +182,17 @@ def test_engine_greedy_matches_transformers(vl_dir: str, hf: torch.nn.Module,
         assert other.num_cached_tokens <= 2
         ids, mm = proc.process(prompt, {"image": image(10, 112, 112)})
         assert other.outputs[0].token_ids == hf_greedy(hf, ids, mm, 6)
+        # A prompt ending right after the image: the hit (capped one token short of the prompt)
+        # stops inside the placeholders, so the rest of the image is encoded and sliced again.
+        tail = [5, *IMG]
+        ids, mm = proc.process(tail, {"image": image(9, 112, 112)})
+        want = hf_greedy(hf, ids, mm, 6)
+        for _ in range(2):
+            out = llm.generate({"prompt_token_ids": tail,
+                                "multi_modal_data": {"image": image(9, 112, 112)}}, params,
+                               use_tqdm=False)[0]
+            assert out.outputs[0].token_ids == want
+        assert out.num_cached_tokens == 16 and mm[0].offset < 16 < mm[0].offset + mm[0].length
         # A text prompt with the placeholder written out, as in vLLM's examples.
         text = "look <|vision_start|><|image_pad|><|vision_end|> what is it"
         out = llm.generate({"prompt": text, "multi_modal_data": {"image": image(11)}}, params,
