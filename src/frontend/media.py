@@ -72,9 +72,10 @@ class MediaConnector:
         self.config = config
         self._session: aiohttp.ClientSession | None = None
 
-    async def load_prompt_media(self, processor: MultiModalProcessor, ids: list[int],
+    async def load_prompt_media(self, processor: MultiModalProcessor | None, ids: list[int],
                                 media: list[MediaRef]) -> tuple[list[int], list[MMInput]]:
         """Check the limits, fetch every item concurrently, expand the prompt's placeholders."""
+        assert processor is not None, "media parts reach here only for multimodal models"
         for modality in ("image", "video"):
             count = sum(1 for m in media if m.modality == modality)
             if count > processor.limit(modality):

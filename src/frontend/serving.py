@@ -200,17 +200,15 @@ class OpenAIServing:
             raise APIError(400, f"chat_template_kwargs: {e}", "chat_template_kwargs") from e
         ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
         mm_inputs = None
-        if media:
-            assert self.engine.processor.mm is not None
-            mm_inputs = await self.media.load_prompt_media(self.engine.processor.mm, ids, media)
-        if mm_inputs is not None:
-            ids = mm_inputs[0]
+        if media:  # fetch, preprocess, expand the placeholders
+            ids, mm_inputs = await self.media.load_prompt_media(self.engine.processor.mm, ids,
+                                                                media)
         plan.prompt = text
         # vLLM's echo: a reply that continues a final assistant message repeats that message.
         echo = ""
         if req.echo and messages[-1].get("role") == "assistant":
             echo = messages[-1].get("content") or ""
-        return _Prompt(text, ids, echo, mm_inputs[1] if mm_inputs is not None else None)
+        return _Prompt(text, ids, echo, mm_inputs)
 
     def model_name(self, requested: str | None) -> str:
         """The served name to answer with; APIError 404 for a name we do not serve."""
