@@ -158,3 +158,23 @@ def test_prefix_cache_keys_include_the_media_hash() -> None:
     run = drive(sched, worker)
     assert run.cached["same-tokens-other-image"] == 0  # block 0 holds placeholders already
     assert run.cached["same-image"] == 12
+
+
+@pytest.mark.parametrize("depth", [0, 1], ids=["serial", "pipelined"])
+def test_abort_mid_image_releases_its_references(depth: int) -> None:
+    sched, worker = make(budget=16, capacity=16, tokens=6)
+    a, b = mm_prompt(1, [("cat", 12)]), mm_prompt(2, [("cat", 12)])
+    add(sched, "a", *a)
+    add(sched, "b", *b)
+    aborted: list[bool] = []
+
+    def abort_a_once(run) -> list:
+        if aborted or "a" not in sched.requests or sched.requests["a"].num_computed_tokens < 6:
+            return []
+        aborted.append(True)
+        return sched.abort_requests(["a"])
+
+    run = drive(sched, worker, depth=depth, between=abort_a_once)
+    assert aborted and run.finish["a"][0] == "abort"
+    assert run.tokens["b"] == expected_tokens(b[0], 4)
+    assert sched.encoder_cache.refs == {} and sched.encoder_cache.num_free == 16
