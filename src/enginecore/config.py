@@ -51,6 +51,10 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Schedule step N+1 while the workers run step N (one step in flight ahead); off: one step
     # at a time. Both give the same tokens.
     async_scheduling: bool = True
+    # Multimodal: encoder input tokens (placeholder tokens of the items encoded) per step and the
+    # size of the workers' encoder-output cache, in tokens. 0: max_num_batched_tokens.
+    max_num_encoder_input_tokens: int = 0
+    encoder_cache_size: int = 0
 
 
 class ParallelConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,6 +74,19 @@ class StructuredOutputsConfig(msgspec.Struct, frozen=True, kw_only=True):
     disable_additional_properties: bool = False
 
 
+class MultiModalConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Multimodal input limits (vLLM's names); only used by vision-language models."""
+
+    # most items per prompt and modality as JSON, e.g. {"image": 2, "video": 1} (default 999 each)
+    limit_mm_per_prompt: dict[str, int] = {}
+    # directory under which file:// media URLs may be read (default: none may)
+    allowed_local_media_path: str = ""
+    media_fetch_timeout: float = 5.0  # seconds to fetch one http(s) image
+    video_fetch_timeout: float = 30.0  # seconds to fetch one http(s) video (frame list)
+    max_media_bytes: int = 20 * 1024 * 1024  # largest media item accepted, after base64 decoding
+    max_image_pixels: int = 4096 * 4096  # largest decoded image (width * height) accepted
+
+
 # vLLM's backends that this engine does not implement: named in the error a user gets.
 _OTHER_BACKENDS = ("xgrammar", "outlines", "lm-format-enforcer")
 
@@ -80,6 +97,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
     structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
+    multimodal: MultiModalConfig = MultiModalConfig()
 
     @classmethod
     def create(cls, model: str, **kwargs: object) -> EngineConfig:
@@ -89,7 +107,14 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         """
         structured = _structured_outputs_config(kwargs.pop("structured_outputs_config", None))
         groups: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
-                                                "scheduler": {}, "parallel": {}}
+                                                "scheduler": {}, "parallel": {},
+                                                "multimodal": {}}
+        limits = kwargs.get("limit_mm_per_prompt")
+        if isinstance(limits, str | bytes):  # the CLI's JSON text
+            try:
+                kwargs["limit_mm_per_prompt"] = json.loads(limits)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"limit_mm_per_prompt: not JSON ({e})") from None
         owners = {name: group for group, struct in _GROUPS.items()
                   for name in struct.__struct_fields__}
         for key, value in kwargs.items():
@@ -99,7 +124,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                 groups[owners[key]][key] = value
         cfg = cls(model=ModelConfig(**groups["model"]), cache=CacheConfig(**groups["cache"]),
                   scheduler=SchedulerConfig(**groups["scheduler"]),
-                  parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured)
+                  parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured,
+                  multimodal=_convert(MultiModalConfig, groups["multimodal"]))
         return cfg.resolved()
 
     def resolved(self) -> EngineConfig:
@@ -133,6 +159,10 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"max_logprobs must be >= -1, got {self.model.max_logprobs}")
         if self.parallel.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
+        for modality, limit in self.multimodal.limit_mm_per_prompt.items():
+            if modality not in ("image", "video") or limit < 0:
+                raise ValueError(f"limit_mm_per_prompt: {modality!r}: {limit} (modalities image "
+                                 "and video, counts >= 0)")
         backend = self.structured_outputs.backend
         if backend not in ("auto", "guidance"):
             known = "a vLLM backend this engine does not implement" \
@@ -150,8 +180,15 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 _GROUPS: dict[str, type[msgspec.Struct]] = {
     "model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-    "parallel": ParallelConfig,
+    "parallel": ParallelConfig, "multimodal": MultiModalConfig,
 }
+
+
+def _convert(struct: type[msgspec.Struct], values: dict[str, object]) -> msgspec.Struct:
+    try:
+        return msgspec.convert(values, struct)
+    except msgspec.ValidationError as e:
+        raise ValueError(str(e)) from None
 
 
 def _structured_outputs_config(value: object) -> StructuredOutputsConfig:

@@ -285,4 +285,4 @@ class KVCacheManager:
         for i in range(len(hashes), num_blocks):
             parent = hashes[i - 1] if i else None
             hashes.append(hash_block_tokens(parent, tokens[i * size:(i + 1) * size],
-                                            request.block_extra_keys(i)))
+                                            request.block_extra_keys(i, size)))

@@ -20,6 +20,24 @@ from sampling.params import SamplingParams
 # ---------------------------------------------------------------- frontend -> engine core
 
 
+class MMInput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One multimodal item of a prompt: its encoder input and where its placeholders sit.
+
+    The prompt holds `length` placeholder tokens at [offset, offset + length), one per merged
+    patch the encoder outputs. `data` is the raw (C-order, little-endian) bytes of the pixel rows,
+    `shape` [num_patches, C*Tp*P*P] of `dtype`: no pickle, no numpy on the wire.
+    """
+
+    modality: str  # "image" | "video"
+    hash: str  # content hash (or the user's uuid): key of the encoder and prefix caches
+    offset: int
+    length: int
+    grid_thw: list[int]  # (t, h, w) in patches before merging
+    data: bytes = b""
+    dtype: str = "float32"
+    shape: list[int] = []
+
+
 class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True, gc=False):
     request_id: str
     prompt_token_ids: list[int]
@@ -28,6 +46,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True,
     arrival_time: float = 0.0
     priority: int = 0  # lower runs first under the "priority" policy
     cache_salt: str | None = None
+    mm_inputs: list[MMInput] | None = None  # multimodal items, in prompt order
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True, gc=False):
@@ -123,6 +142,7 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     num_computed_tokens: int
     # Tokens already generated: non-empty only when resuming after preemption by recompute.
     output_token_ids: list[int] = []
+    mm_inputs: list[MMInput] | None = None
 
 
 class CachedReqs(msgspec.Struct, array_like=True, gc=False):
@@ -144,6 +164,10 @@ class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
     num_scheduled_tokens: dict[str, int]
     # Requests to forget before this step runs: finished, aborted or preempted.
     finished: list[str] = []
+    # Multimodal: req_id -> indices of its mm_inputs to run through the encoder this step (their
+    # outputs join the encoder cache), and encoder-cache entries (hashes) to drop first.
+    encoder_inputs: dict[str, list[int]] = {}
+    free_encoder_hashes: list[str] = []
 
 
 class InitKVCache(msgspec.Struct, tag="init_kv", array_like=True):

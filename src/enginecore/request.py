@@ -52,7 +52,7 @@ class Request:
         "request_id", "client_index", "prompt_token_ids", "output_token_ids", "all_token_ids",
         "sampling", "priority", "arrival_time", "cache_salt", "status", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "num_prompt_logprobs_sent",
-        "num_output_placeholders",
+        "num_output_placeholders", "mm_inputs", "encoder_refs",
     )
 
     def __init__(self, add: AddRequest) -> None:
@@ -76,6 +76,10 @@ class Request:
         # Prompt-logprob rows already reported (row i = prompt position i + 1); a request that is
         # preempted and recomputed must not report them twice.
         self.num_prompt_logprobs_sent = 0
+        # Multimodal items (prompt order) and the indices whose encoder output this request
+        # holds a reference to (EncoderCacheManager).
+        self.mm_inputs = add.mm_inputs or []
+        self.encoder_refs: set[int] = set()
 
     @property
     def num_tokens(self) -> int:
@@ -102,14 +106,20 @@ class Request:
         return ((max_tokens is not None and num_output >= max_tokens)
                 or self.num_tokens_with_placeholders >= max_model_len)
 
-    def block_extra_keys(self, block_index: int) -> tuple[str | int, ...]:
+    def block_extra_keys(self, block_index: int, block_size: int = 0) -> tuple[str | int, ...]:
         """Keys mixed into block `block_index`'s prefix-cache hash besides its tokens."""
         # The salt enters block 0 only: hashes are chained, so it reaches every later block, and
-        # two different salts never share a single block. LoRA ids and multimodal content hashes
-        # (for blocks overlapping an item) belong here too.
+        # two different salts never share a single block. Multimodal content hashes enter every
+        # block an item's placeholders overlap: placeholder token ids are the same for every
+        # image. LoRA ids belong here too.
+        keys: tuple[str | int, ...] = ()
         if block_index == 0 and self.cache_salt is not None:
-            return (self.cache_salt,)
-        return ()
+            keys = (self.cache_salt,)
+        if self.mm_inputs and block_size:
+            start, end = block_index * block_size, (block_index + 1) * block_size
+            keys += tuple(item.hash for item in self.mm_inputs
+                          if item.offset < end and item.offset + item.length > start)
+        return keys
 
     def check_stop(self, eos_token_ids: frozenset[int] | set[int],
                    max_model_len: int) -> tuple[str, int | None] | None:

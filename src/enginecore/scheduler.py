@@ -49,6 +49,7 @@ import bisect
 import logging
 
 from enginecore.config import EngineConfig
+from enginecore.encoder_cache import EncoderCacheManager
 from enginecore.kv_cache import KVCacheManager
 from enginecore.protocol import (
     AddRequest,
@@ -73,10 +74,14 @@ _Scheduled = dict[str, tuple[Request, int]]
 class _StepPlan:
     """What one `schedule()` call hands out, turned into an ExecuteStep at the end."""
 
-    __slots__ = ("budget", "num_scheduled", "new_block_ids", "admitted", "preempted")
+    __slots__ = ("budget", "num_scheduled", "new_block_ids", "admitted", "preempted",
+                 "encoder_budget", "encoder_inputs", "encoding")
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, encoder_budget: int) -> None:
         self.budget = budget  # tokens left this step
+        self.encoder_budget = encoder_budget  # placeholder tokens of items still encodable
+        self.encoder_inputs: dict[str, list[int]] = {}  # req_id -> mm_inputs indices to encode
+        self.encoding: set[str] = set()  # hashes encoded this step
         self.num_scheduled: dict[str, int] = {}
         self.new_block_ids: dict[str, list[int]] = {}
         self.admitted: set[str] = set()  # sent as NewReq (first schedule or resumed)
@@ -111,6 +116,10 @@ class Scheduler:
         self._in_flight: dict[int, _Scheduled] = {}  # step_id -> who it computes, oldest first
         self._step_id = 0
         self._num_preemptions = 0
+        sched = config.scheduler
+        self.encoder_budget = sched.max_num_encoder_input_tokens or sched.max_num_batched_tokens
+        self.encoder_cache = EncoderCacheManager(
+            sched.encoder_cache_size or sched.max_num_batched_tokens)
 
     # ------------------------------------------------------------ requests in and out
 
@@ -163,6 +172,12 @@ class Scheduler:
                     f"{self.max_model_len} (model limit or KV-cache capacity)")
         if req.request_id in self.requests:
             return "duplicate request id"
+        limit = min(self.encoder_budget, self.encoder_cache.cache_size)
+        for item in req.mm_inputs or ():
+            if item.length > limit:
+                return (f"{item.modality} of {item.length} tokens exceeds the encoder budget / "
+                        f"cache of {limit} tokens (max_num_encoder_input_tokens, "
+                        "encoder_cache_size)")
         return None
 
     def _enqueue(self, request: Request, front: bool = False) -> None:
@@ -184,6 +199,7 @@ class Scheduler:
             self.waiting.remove(request)
         request.finish(reason)
         self.kv.free(request)  # safe with steps in flight: see the module docstring
+        self.encoder_cache.release_all(request)
         self._forget_in_flight(request)
         del self.requests[request.request_id]
 
@@ -196,7 +212,10 @@ class Scheduler:
 
     def schedule(self) -> ExecuteStep | None:
         """Hand out this step's token budget; None when nothing can run."""
-        plan = _StepPlan(self.sched_config.max_num_batched_tokens)
+        plan = _StepPlan(self.sched_config.max_num_batched_tokens, self.encoder_budget)
+        for request in self.running:
+            if request.encoder_refs:
+                self.encoder_cache.release_done(request)
         self._schedule_running(plan)
         self._schedule_waiting(plan)
         if not plan.num_scheduled:
@@ -213,10 +232,13 @@ class Scheduler:
                 continue  # its last token is already being sampled in flight
             num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens,
                           plan.budget)
+            num_new, to_encode = self._plan_encoder(request, request.num_computed_tokens,
+                                                    num_new, plan)
             if num_new <= 0:
                 continue
             block_ids = self._allocate_or_preempt(request, num_new, plan)
             if block_ids is not None:
+                self._commit_encoder(request, num_new, to_encode, plan)
                 plan.add(request.request_id, num_new, block_ids)
 
     def _allocate_or_preempt(self, request: Request, num_new: int,
@@ -241,6 +263,8 @@ class Scheduler:
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
         self.running.remove(request)
         self.kv.free(request)
+        self.encoder_cache.release_all(request)
+        self._hand_over_encodes(request, plan)
         self._forget_in_flight(request)  # its in-flight token is dropped
         request.preempt()
         self._enqueue(request, front=True)
@@ -263,14 +287,62 @@ class Scheduler:
                 if not self.sched_config.enable_chunked_prefill:
                     break  # wait for a step where it fits whole; keep FCFS order
                 num_new = plan.budget
+            num_new, to_encode = self._plan_encoder(request, num_hit, num_new, plan)
+            if num_new <= 0:
+                break
             block_ids = self.kv.allocate_slots(request, num_new, computed_blocks=hit_blocks)
             if block_ids is None:
                 break
             self.waiting.pop(0)
             request.start_running(num_hit)
+            self._commit_encoder(request, num_new, to_encode, plan)
             self.running.append(request)
             plan.add(request.request_id, num_new, block_ids)
             plan.admitted.add(request.request_id)
+
+    # ------------------------------------------------------------ encoder (multimodal)
+
+    def _plan_encoder(self, request: Request, start: int, num_new: int,
+                      plan: _StepPlan) -> tuple[int, list[int]]:
+        """Cut [start, start + num_new) before an item this step cannot encode; the items it
+        must encode."""
+        if not request.mm_inputs:
+            return num_new, []
+        return self.encoder_cache.plan(request, start, num_new, plan.encoder_budget,
+                                       plan.encoding)
+
+    def _commit_encoder(self, request: Request, num_new: int, to_encode: list[int],
+                        plan: _StepPlan) -> None:
+        """Reference the items request's scheduled range touches; queue the ones to encode."""
+        if not request.mm_inputs:
+            return
+        cache = self.encoder_cache
+        # An item planned as cached may have been freed meanwhile by a preemption: encode it too.
+        missing = [i for i, item in enumerate(request.mm_inputs)
+                   if item.offset < request.num_computed_tokens + num_new
+                   and item.offset + item.length > request.num_computed_tokens
+                   and item.hash not in cache.refs and item.hash not in plan.encoding]
+        to_encode = sorted(set(to_encode) | set(missing))
+        cache.commit(request, request.num_computed_tokens, num_new, to_encode)
+        for i in to_encode:
+            item = request.mm_inputs[i]
+            if item.hash not in plan.encoding:
+                plan.encoding.add(item.hash)
+                plan.encoder_budget -= item.length
+                plan.encoder_inputs.setdefault(request.request_id, []).append(i)
+
+    def _hand_over_encodes(self, request: Request, plan: _StepPlan) -> None:
+        """A request preempted after it was scheduled this step no longer encodes its items:
+        another scheduled request that references one takes the encode over."""
+        for i in plan.encoder_inputs.pop(request.request_id, []):
+            key = request.mm_inputs[i].hash
+            holders = self.encoder_cache.refs.get(key, set()) & plan.num_scheduled.keys()
+            if not holders:
+                plan.encoding.discard(key)
+                continue
+            other = self.requests[min(holders)]
+            index = next(j for j, item in enumerate(other.mm_inputs) if item.hash == key)
+            plan.encoder_inputs.setdefault(other.request_id, []).append(index)
 
     def _build_step(self, plan: _StepPlan) -> ExecuteStep:
         new: list[NewReq] = []
@@ -287,7 +359,8 @@ class Scheduler:
                     req_id, request.prompt_token_ids, request.sampling,
                     block_ids=self.kv.block_ids(req_id),
                     num_computed_tokens=request.num_computed_tokens,
-                    output_token_ids=list(request.output_token_ids)))
+                    output_token_ids=list(request.output_token_ids),
+                    mm_inputs=request.mm_inputs or None))
             else:
                 cached.req_ids.append(req_id)
                 cached.new_block_ids.append(plan.new_block_ids[req_id])
@@ -298,7 +371,9 @@ class Scheduler:
                 request.num_output_placeholders += 1  # the workers sample one token here
         self._step_id += 1
         self._in_flight[self._step_id] = scheduled
-        step = ExecuteStep(self._step_id, new, cached, num_scheduled, finished=self._finished_ids)
+        step = ExecuteStep(self._step_id, new, cached, num_scheduled, finished=self._finished_ids,
+                           encoder_inputs=plan.encoder_inputs,
+                           free_encoder_hashes=self.encoder_cache.take_freed())
         self._finished_ids = []
         return step
 

@@ -20,7 +20,13 @@ from typing import Any
 
 import msgspec
 
-from enginecore.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from enginecore.config import (
+    CacheConfig,
+    ModelConfig,
+    MultiModalConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from frontend.reasoning import get_reasoning_parser
 from frontend.tools import get_tool_parser, load_tool_parser_plugin
 
@@ -68,7 +74,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ENGINE_STRUCTS: tuple[type[msgspec.Struct], ...] = (
-    ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+    ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, MultiModalConfig)
 # Filled from the checkpoint (or positional), never flags.
 _NOT_FLAGS = {"model", "architecture", "vocab_size", "eos_token_ids"}
 # vLLM's flag names where they differ from the field name.

@@ -30,6 +30,7 @@ from enginecore.protocol import (
     Control,
     CoreReady,
     EngineOutputs,
+    MMInput,
     SchedulerStats,
     TokenDelta,
     core_output_decoder,
@@ -187,9 +188,9 @@ class AsyncEngine:
             raise EngineDeadError(self.dead)
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        text, prompt_ids = self.processor.tokenize_prompt(prompt)
+        text, prompt_ids, mm_inputs = self.processor.process_prompt(prompt)
         parent = ParentRequest(request_id, text, prompt_ids, params.n, output_kind)
-        child_ids = self._add(parent, params, priority, cache_salt)
+        child_ids = self._add(parent, params, priority, cache_salt, mm_inputs)
         try:
             while True:
                 item = await parent.queue.get()
@@ -206,7 +207,7 @@ class AsyncEngine:
                 self._send(Abort(request_ids=alive))
 
     def _add(self, parent: ParentRequest, params: SamplingParams, priority: int,
-             cache_salt: str | None) -> list[str]:
+             cache_salt: str | None, mm_inputs: list[MMInput] | None = None) -> list[str]:
         """Fan out n > 1 into n engine requests (distinct seeds), validated before any is sent."""
         n = params.n
         child_ids = [parent.request_id] if n == 1 else \
@@ -219,7 +220,7 @@ class AsyncEngine:
                 raise ValueError(f"request_id {child_id!r} is already in use")
             requests.append(self.processor.make_request(
                 child_id, parent.prompt_token_ids, child, client_index=self.client_index,
-                priority=priority, cache_salt=cache_salt))
+                priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs))
         for i, req in enumerate(requests):
             self.states[req.request_id] = RequestState(parent, i, self.tokenizer, req.sampling)
             self._send(req)

@@ -75,9 +75,9 @@ class LLM:
             # Validate everything before any request runs: a bad prompt fails the whole call.
             tokenized = []
             for prompt, sp in zip(prompts, params, strict=True):
-                text, token_ids = self.engine.processor.tokenize_prompt(prompt)
-                self.engine.processor.make_request("validate", token_ids, sp)
-                tokenized.append({"prompt": text, "prompt_token_ids": token_ids})
+                text, token_ids, mm = self.engine.processor.process_prompt(prompt)
+                self.engine.processor.make_request("validate", token_ids, sp, mm_inputs=mm)
+                tokenized.append({"prompt": text, "prompt_token_ids": token_ids, "mm_inputs": mm})
             jobs = (one(*a) for a in zip(ids, tokenized, params, prios, strict=True))
             return list(await asyncio.gather(*jobs))
         finally:

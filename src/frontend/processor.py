@@ -14,7 +14,8 @@ from typing import Any
 import msgspec
 
 from enginecore.config import EngineConfig
-from enginecore.protocol import AddRequest
+from enginecore.protocol import AddRequest, MMInput
+from frontend.multimodal import MultiModalProcessor
 from frontend.tokenizer import Tokenizer
 from sampling.params import SamplingParams, StructuredOutputsParams
 from sampling.structured import LLTokenizer, load_lltokenizer, validate_structured_outputs
@@ -33,6 +34,26 @@ class Processor:
         # The engine's limit: the model's, capped at what the KV cache holds (CoreReady).
         self.max_model_len = config.model.max_model_len
         self._valid_constraints: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        # Vision-language checkpoints only: images / videos -> pixel rows and placeholders.
+        self.mm: MultiModalProcessor | None = (
+            MultiModalProcessor(config.model.model, config.multimodal)
+            if MultiModalProcessor.supports(config.model.model) else None)
+
+    def process_prompt(self, prompt: PromptType
+                       ) -> tuple[str | None, list[int], list[MMInput] | None]:
+        """Like `tokenize_prompt`, plus a dict prompt's `multi_modal_data` (expanded ids)."""
+        text, ids = self.tokenize_prompt(prompt)
+        if not isinstance(prompt, dict):
+            return text, ids, None
+        if prompt.get("mm_inputs"):  # already processed (the chat endpoint)
+            return text, ids, list(prompt["mm_inputs"])
+        mm_data = prompt.get("multi_modal_data")
+        if not mm_data:
+            return text, ids, None
+        if self.mm is None:
+            raise ValueError("multi_modal_data: this model takes text only")
+        ids, mm_inputs = self.mm.process(ids, mm_data, prompt.get("multi_modal_uuids"))
+        return text, ids, mm_inputs or None
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Return (prompt text if any, prompt token ids)."""
@@ -50,7 +71,8 @@ class Processor:
 
     def make_request(self, request_id: str, prompt_token_ids: list[int],
                      params: SamplingParams, *, client_index: int = 0, priority: int = 0,
-                     cache_salt: str | None = None) -> AddRequest:
+                     cache_salt: str | None = None,
+                     mm_inputs: list[MMInput] | None = None) -> AddRequest:
         """Validate and build the engine request; `params.n` must already be 1."""
         max_len = self.max_model_len
         if not prompt_token_ids:
@@ -64,6 +86,7 @@ class Processor:
                              f"[0, {self.vocab_size})")
         params.validate(self.vocab_size)
         self._check_logprobs(params)
+        self._check_mm_inputs(mm_inputs)
         if params.structured_outputs is not None:
             params = msgspec.structs.replace(
                 params, structured_outputs=self._structured_outputs(params.structured_outputs))
@@ -72,7 +95,18 @@ class Processor:
                 params, bad_words_token_ids=self._bad_words_ids(params.bad_words))
         return AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                           sampling=params, client_index=client_index, arrival_time=time.time(),
-                          priority=priority, cache_salt=cache_salt)
+                          priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs)
+
+    def _check_mm_inputs(self, mm_inputs: list[MMInput] | None) -> None:
+        """An item must fit the encoder budget and cache, or it could never be scheduled."""
+        sched = self.config.scheduler
+        limit = min(sched.max_num_encoder_input_tokens or sched.max_num_batched_tokens,
+                    sched.encoder_cache_size or sched.max_num_batched_tokens)
+        for item in mm_inputs or ():
+            if item.length > limit:
+                raise ValueError(f"multi_modal_data: a {item.modality} of {item.length} tokens "
+                                 f"exceeds the encoder budget of {limit} tokens "
+                                 "(--max-num-encoder-input-tokens, --encoder-cache-size)")
 
     def _check_logprobs(self, params: SamplingParams) -> None:
         """`--max-logprobs` caps the top-k a request may ask for (each costs a row of output)."""

@@ -209,7 +209,7 @@ class OpenAIServer:
                 continue_final_message=req.continue_final_message,
                 chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
                 add_special_tokens=bool(req.add_special_tokens))
-            ids = self.serving.chat_prompt(chat).token_ids
+            ids = (await self.serving.chat_prompt(chat)).token_ids
         else:
             special = True if req.add_special_tokens is None else req.add_special_tokens
             ids = self.tokenizer.encode(req.prompt or "", add_special_tokens=special)

@@ -29,10 +29,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from enginecore.protocol import MMInput
 from frontend import openai as api
 from frontend.chat import ChatFeatures, ChatPlan, ChoiceParser
 from frontend.cli import ServerConfig
 from frontend.client import AsyncEngine, EngineDeadError
+from frontend.media import MediaConnector, MediaRef, media_parts
 from frontend.metrics import RequestTracker, ServerMetrics
 from frontend.outputs import CompletionOutput, OutputKind, PositionLogprobs, RequestOutput
 from sampling.params import SamplingParams
@@ -57,6 +59,7 @@ class _Prompt:
     text: str | None
     token_ids: list[int]
     echo: str = ""  # prepended to every choice's text when the request echoes
+    mm_inputs: list[MMInput] | None = None  # images / videos of a chat prompt
 
 
 @dataclass
@@ -137,6 +140,7 @@ class OpenAIServing:
         self.model_names = list(config.served_model_name) or [engine.config.model.model]
         self.chat_template = _read_template(config.chat_template)
         self.chat_features = ChatFeatures(config, self.tokenizer)
+        self.media = MediaConnector(engine.config.multimodal)
 
     @property
     def max_model_len(self) -> int:
@@ -162,22 +166,28 @@ class OpenAIServing:
         """POST /v1/chat/completions."""
         req = api.chat_request_decoder.decode(await request.read())
         plan = self.chat_features.plan(req)
-        job = self._make_job(req, [self.chat_prompt(req, plan)], chat=True, plan=plan)
+        job = self._make_job(req, [await self.chat_prompt(req, plan)], chat=True, plan=plan)
         for c in job.choices:
             c.parser = plan.choice_parser()
         return await self._respond(request, job)
 
-    def chat_prompt(self, req: api.ChatCompletionRequest, plan: ChatPlan | None = None) -> _Prompt:
-        """Render the messages (and tools) with the chat template and tokenize the result."""
+    async def chat_prompt(self, req: api.ChatCompletionRequest,
+                          plan: ChatPlan | None = None) -> _Prompt:
+        """Render the messages (and tools) with the chat template and tokenize the result;
+        fetch and preprocess the images and videos of content parts (multimodal models)."""
         plan = plan or self.chat_features.plan(req)
         messages = []
+        media: list[MediaRef] = []
         for i, m in enumerate(req.messages):
             message = msgspec.to_builtins(m)
             if isinstance(m.content, list):
-                if not all(isinstance(part, api.TextPart) for part in m.content):
+                if all(isinstance(part, api.TextPart) for part in m.content):
+                    message["content"] = m.text_content()
+                elif self.engine.processor.mm is None:
                     raise APIError(400, f"messages[{i}].content: this model takes text only",
                                    "messages")
-                message["content"] = m.text_content()
+                else:
+                    message["content"] = media_parts(i, m.content, media)
             messages.append(message)
         kwargs: dict[str, Any] = {
             "add_generation_prompt": req.add_generation_prompt,
@@ -189,12 +199,16 @@ class OpenAIServing:
         except TypeError as e:
             raise APIError(400, f"chat_template_kwargs: {e}", "chat_template_kwargs") from e
         ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        mm_inputs = None
+        if media:  # fetch, preprocess, expand the placeholders
+            ids, mm_inputs = await self.media.load_prompt_media(self.engine.processor.mm, ids,
+                                                                media)
         plan.prompt = text
         # vLLM's echo: a reply that continues a final assistant message repeats that message.
         echo = ""
         if req.echo and messages[-1].get("role") == "assistant":
             echo = messages[-1].get("content") or ""
-        return _Prompt(text, ids, echo)
+        return _Prompt(text, ids, echo, mm_inputs)
 
     def model_name(self, requested: str | None) -> str:
         """The served name to answer with; APIError 404 for a name we do not serve."""
@@ -241,7 +255,8 @@ class OpenAIServing:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. You "
                            f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in "
                            f"the {where}, {params.max_tokens} for the completion).", "max_tokens")
-        self.engine.processor.make_request("validate", prompt.token_ids, params)
+        self.engine.processor.make_request("validate", prompt.token_ids, params,
+                                           mm_inputs=prompt.mm_inputs)
         return params
 
     def _log_request(self, job: _Job) -> None:
@@ -267,7 +282,8 @@ class OpenAIServing:
     async def _outputs(self, job: _Job) -> AsyncIterator[tuple[_Choice, CompletionOutput]]:
         """Run the job's engine requests; yield (choice, its delta) as outputs arrive."""
         streams = [self.engine.generate(
-            {"prompt": p.text, "prompt_token_ids": p.token_ids}, params, job.engine_id(i),
+            {"prompt": p.text, "prompt_token_ids": p.token_ids, "mm_inputs": p.mm_inputs},
+            params, job.engine_id(i),
             priority=job.priority, cache_salt=job.cache_salt, output_kind=OutputKind.DELTA)
             for i, (p, params) in enumerate(zip(job.prompts, job.params, strict=True))]
         try:
@@ -500,3 +516,4 @@ def _read_template(template: str | None) -> str | None:
     if template is not None and "{" not in template and Path(template).is_file():
         return Path(template).read_text(encoding="utf-8")
     return template
+

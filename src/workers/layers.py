@@ -71,6 +71,19 @@ class RMSNorm(nn.Module):
         return rms_norm_ref(x, self.weight, self.eps, residual)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias over the last dim (vision towers)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _new_param(hidden_size)
+        self.bias = _new_param(hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
 class SiluAndMul(nn.Module):
     """[T, 2I] packed (gate | up) -> silu(gate) * up [T, I]."""
 

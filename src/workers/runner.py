@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from enginecore.config import EngineConfig
-from enginecore.protocol import ExecuteStep, NewReq, StepResult, TokenLogprobs
+from enginecore.protocol import ExecuteStep, MMInput, NewReq, StepResult, TokenLogprobs
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from sampling.structured import GrammarCompiler, RequestGrammar
@@ -27,6 +27,7 @@ from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
 from workers.models import load_model
+from workers.multimodal import MultiModalRunner
 
 _MASK63 = (1 << 63) - 1
 
@@ -41,6 +42,9 @@ class CachedRequestState:
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     grammar: RequestGrammar | None = None  # structured outputs: this request's matcher
+    mm_inputs: list[MMInput] | None = None  # multimodal items, prompt order
+    mrope: np.ndarray | None = None  # M-RoPE prompt positions [3, P] (None: text only)
+    mrope_delta: int = 0  # generated token i sits at position i + mrope_delta
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +71,9 @@ class StepInputs:
     sample_reqs: list[CachedRequestState]
     # Prompt-logprob requests: (state, first token index in T, first position, count of rows)
     prompt_lp: list[tuple[CachedRequestState, int, int, int]]
+    # Multimodal: positions [3, T] when some token's axes differ, placeholder embeddings.
+    mrope: np.ndarray | None = None
+    mm_embeds: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -93,6 +100,8 @@ class ModelRunner:
         self.buffers = InputBuffers(max(sched.max_num_batched_tokens, sched.max_num_seqs),
                                     sched.max_num_seqs, self.max_blocks_per_req, device)
         self.graphs: CudaGraphs | None = None
+        self.mm = (MultiModalRunner(self.model, device)
+                   if getattr(self.model, "uses_mrope", False) else None)
 
     # ------------------------------------------------------------ KV cache
 
@@ -131,12 +140,18 @@ class ModelRunner:
         rows = min(sched.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         torch.softmax(logits, dim=-1).argmax(-1)
+        if self.mm is not None:  # the vision tower's activations at the encoder budget
+            self.mm.profile(sched.max_num_encoder_input_tokens or sched.max_num_batched_tokens)
 
     # ------------------------------------------------------------ step
 
     @torch.inference_mode()
     def execute(self, step: ExecuteStep) -> StepResult:
         self._update_states(step)
+        if self.mm is not None:  # drop, then encode: a step may free and re-encode one hash
+            self.mm.free(step.free_encoder_hashes)
+            self.mm.encode([self.requests[r].mm_inputs[i]
+                            for r, idx in step.encoder_inputs.items() for i in idx])
         if not step.num_scheduled_tokens:
             return StepResult(step_id=step.step_id, req_ids=[], sampled=[])
         inputs = self._prepare_inputs(step)
@@ -173,11 +188,14 @@ class ModelRunner:
         # Compiles in a thread pool; only the first sample of this request waits for it.
         grammar = None if structured is None else self.grammars.compile(
             structured, new.output_token_ids, new.prompt_token_ids)
+        mrope, delta = (None, 0) if self.mm is None else self.mm.prompt_positions(
+            len(new.prompt_token_ids), new.mm_inputs)
         return CachedRequestState(
             req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
             sampling=new.sampling, num_computed_tokens=new.num_computed_tokens,
             row=self.block_table.add_row(new.block_ids),
-            output_token_ids=list(new.output_token_ids), generator=generator, grammar=grammar)
+            output_token_ids=list(new.output_token_ids), generator=generator, grammar=grammar,
+            mm_inputs=new.mm_inputs, mrope=mrope, mrope_delta=delta)
 
     def _prepare_inputs(self, step: ExecuteStep) -> StepInputs:
         """Stage the step's flat inputs in the host buffers (copied to the device later).
@@ -223,23 +241,47 @@ class ModelRunner:
             if state.sampling.prompt_logprobs is not None and a < num_prompt - 1:
                 # Position p's logits score prompt token p + 1.
                 prompt_lp.append((state, last - (b - a), a, min(b, num_prompt - 1) - a))
-        return StepInputs(num_tokens=num_tokens, num_reqs=num_reqs, num_cols=num_cols,
-                          max_query_len=int(n.max()), max_seq_len=max_seq_len,
-                          sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp)
+        inputs = StepInputs(num_tokens=num_tokens, num_reqs=num_reqs, num_cols=num_cols,
+                            max_query_len=int(n.max()), max_seq_len=max_seq_len,
+                            sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp)
+        if self.mm is not None:
+            self._prepare_mm(inputs, reqs, start.tolist(), end.tolist(), (cu - n).tolist())
+        return inputs
+
+    def _prepare_mm(self, inputs: StepInputs, reqs: list[CachedRequestState],
+                    starts: list[int], ends: list[int], bases: list[int]) -> None:
+        """M-RoPE positions and placeholder embeddings of the step (vision-language models)."""
+        assert self.mm is not None
+        positions = self.mm.step_positions([(s.mrope, s.mrope_delta, a, b) for s, a, b in
+                                            zip(reqs, starts, ends, strict=True)])
+        if (positions == positions[0]).all():
+            self.buffers.positions[: inputs.num_tokens] = positions[0]  # plain RoPE suffices
+        else:
+            inputs.mrope = positions
+        for state, a, b, base in zip(reqs, starts, ends, bases, strict=True):
+            if state.mm_inputs and a < len(state.prompt_token_ids):
+                inputs.mm_embeds += self.mm.embeds_for(state.mm_inputs, a, b, base)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H]: replayed from a CUDA graph for decode steps, else eager."""
         buf = self.buffers
-        if self.graphs is not None and inputs.max_query_len == 1:
+        plain = inputs.mrope is None and not inputs.mm_embeds
+        if self.graphs is not None and inputs.max_query_len == 1 and plain:
             size = self.graphs.bucket(inputs.num_reqs)
             if size is not None:
                 return self.graphs.replay(inputs.num_reqs, inputs.num_cols, size)
         buf.copy_to_device(inputs.num_tokens, inputs.num_reqs, inputs.num_cols)
         meta = buf.metadata(inputs.num_tokens, inputs.num_reqs, inputs.num_cols,
                             inputs.max_query_len, inputs.max_seq_len)
+        ids = buf.input_ids_dev[: inputs.num_tokens]
+        positions = buf.positions_dev[: inputs.num_tokens]
         with set_forward_context(meta):
-            return self.model(buf.input_ids_dev[: inputs.num_tokens],
-                              buf.positions_dev[: inputs.num_tokens])
+            if plain:
+                return self.model(ids, positions)
+            assert self.mm is not None
+            if inputs.mrope is not None:
+                positions = torch.from_numpy(inputs.mrope).to(self.device, non_blocking=True)
+            return self.model(ids, positions, self.mm.inputs_embeds(ids, inputs.mm_embeds))
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
         reqs = inputs.sample_reqs

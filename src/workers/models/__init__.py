@@ -25,6 +25,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "Qwen3MoeForCausalLM": ("workers.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "Qwen2MoeForCausalLM": ("workers.models.qwen3_moe", "Qwen2MoeForCausalLM"),
     "MixtralForCausalLM": ("workers.models.qwen3_moe", "MixtralForCausalLM"),
+    "Qwen2VLForConditionalGeneration": ("workers.models.qwen2_vl",
+                                        "Qwen2VLForConditionalGeneration"),
 }
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -154,17 +154,21 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
 
-    def __init__(self, args: DecoderArgs) -> None:
+    def __init__(self, args: DecoderArgs, rotary_emb: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size)
         # One cos/sin table shared by all layers; each layer rotates its q and k by `positions`.
-        self.rotary_emb = RotaryEmbedding(args.head_dim, args.max_position, args.rope)
+        # A multimodal model passes its own (M-RoPE: positions [3, T]).
+        self.rotary_emb = rotary_emb or RotaryEmbedding(args.head_dim, args.max_position,
+                                                        args.rope)
         self.layers = nn.ModuleList(DecoderLayer(args, self.rotary_emb)
                                     for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [T] (or inputs_embeds [T, H], which wins), positions [T] -> hidden [T, H]."""
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, positions)
