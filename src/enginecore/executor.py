@@ -125,7 +125,10 @@ class Executor:
             raise
         msg = worker_output_decoder.decode(raw)
         if isinstance(msg, WorkerError):
-            raise EngineDeadError(msg.message)
+            # A rank killed mid-collective makes its peers fail there: name the dead one first.
+            time.sleep(0.1)  # let a dying peer's exit become visible
+            why = self.dead_worker()
+            raise EngineDeadError(msg.message if why is None else f"{why}; {msg.message}")
         return msg
 
     def submit(self, step: ExecuteStep) -> None:

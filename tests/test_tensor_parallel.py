@@ -1,0 +1,127 @@
+"""Tensor and expert parallelism on CPU: 2 worker processes over gloo, through the real engine.
+
+Each case starts an offline `LLM` with tensor_parallel_size=2 on a tiny random checkpoint and
+checks greedy tokens against transformers' `generate` and the engine's logprobs (which rank 0
+computes from the gathered logits) against transformers' log-softmax. TP=1 is pinned to
+transformers by tests/test_engine.py and tests/test_moe_parity.py, so equal tokens here are equal
+tokens across TP sizes. Cases: Qwen3 (q/k norm, tied embeddings, even kv-head split Hkv=2),
+Llama with kv-head replication (Hkv=1) and row-parallel biases, Qwen3-MoE in TP mode (sliced
+experts), Qwen2-MoE in EP mode (whole experts per rank) with its tensor-parallel shared expert.
+Process startup dominates: keep the case list short.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from frontend import LLM, EngineDeadError, SamplingParams
+from workers.demo import build_tiny_checkpoint
+
+MAX_NEW = 8
+ATOL = 1e-4
+
+# id -> (arch, checkpoint overrides, enable_expert_parallel)
+CASES: dict[str, tuple[str, dict, bool]] = {
+    "llama-kv1-replicated-bias": ("llama", {"num_key_value_heads": 1, "attention_bias": True,
+                                            "mlp_bias": True}, False),
+    "qwen3-qknorm-tied": ("qwen3", {}, False),
+    "qwen3_moe-tp": ("qwen3_moe", {}, False),
+    "qwen2_moe-shared-ep": ("qwen2_moe", {}, True),
+}
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 1000) for _ in range(rng.randint(3, 40))] for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tp-models")
+    return {case: build_tiny_checkpoint(root / case, arch=arch, **overrides)
+            for case, (arch, overrides, _) in CASES.items()}
+
+
+def _hf_reference(hf: torch.nn.Module, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the log-softmax rows that chose them ([MAX_NEW, V])."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        logits = hf(out).logits[0, len(prompt) - 1: -1].float()
+    return out[0, len(prompt):].tolist(), torch.log_softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_greedy_and_logprobs_match_transformers(case: str, checkpoints: dict) -> None:
+    model_dir, ep = checkpoints[case], CASES[case][2]
+    prompts = _prompts(seed=len(case))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
+    # A small token budget: prefills arrive in chunks, next to other requests' decodes.
+    with LLM(model_dir, tensor_parallel_size=2, device="cpu", max_num_batched_tokens=32,
+             enable_expert_parallel=ep) as llm:
+        assert llm.config.parallel.tensor_parallel_size == 2
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs, strict=True):
+        want, ref = _hf_reference(hf, prompt)
+        got = out.outputs[0]
+        assert got.token_ids == want, prompt
+        for i, (token, position) in enumerate(zip(got.token_ids, got.logprobs, strict=True)):
+            assert position[token].rank == 1
+            assert abs(position[token].logprob - ref[i, token].item()) < ATOL, (case, i)
+
+
+def _rank_pid(core_pid: int, rank: int) -> int:
+    with open(f"/proc/{core_pid}/task/{core_pid}/children") as f:
+        children = [int(x) for x in f.read().split()]
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        if b"workers" in argv and argv[argv.index(b"--rank") + 1] == str(rank).encode():
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under pid {core_pid}")
+
+
+def test_killed_rank_1_fails_generate_quickly(checkpoints: dict) -> None:
+    # Rank 0 is then stuck in a collective that will never complete: the executor must notice
+    # rank 1's death itself rather than wait for rank 0's answer.
+    llm = LLM(checkpoints["qwen3-qknorm-tied"], tensor_parallel_size=2, device="cpu")
+    try:
+        victim = _rank_pid(llm.engine.core.proc.pid, rank=1)
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                llm.generate(_prompts(seed=3), SamplingParams(temperature=0.0, max_tokens=5000,
+                                                              ignore_eos=True), use_tqdm=False)
+            except Exception as exc:  # noqa: BLE001 - the test inspects it
+                result["error"] = exc
+            result["t"] = time.monotonic()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "generate hung after a rank died"
+        assert isinstance(result.get("error"), EngineDeadError), result
+        assert "worker 1" in str(result["error"])
+        assert result["t"] - killed_at < 10.0
+    finally:
+        llm.shutdown()
+
+
+def test_indivisible_heads_fail_with_a_clear_error(checkpoints: dict) -> None:
+    # 4 query heads over 3 ranks: refused before any process starts, naming the field.
+    with pytest.raises(ValueError, match="num_attention_heads \\(4\\) is not divisible"):
+        LLM(checkpoints["llama-kv1-replicated-bias"], tensor_parallel_size=3, device="cpu")
