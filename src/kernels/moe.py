@@ -322,8 +322,9 @@ def _moe_combine_kernel(y_ptr, w_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK: tl
     for k in tl.static_range(TOP_K):
         weight = tl.load(w_ptr + tok * TOP_K + k).to(tl.float32)
         # A zero weight marks a pair another rank computes (EP): its row was never written.
-        y = tl.load(y_ptr + (tok * TOP_K + k) * H + cols, mask=mask & (weight != 0), other=0.0)
-        acc += weight * y.to(tl.float32)
+        if weight != 0:
+            y = tl.load(y_ptr + (tok * TOP_K + k) * H + cols, mask=mask, other=0.0)
+            acc += weight * y.to(tl.float32)
     tl.store(out_ptr + tok * H + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from kernels.moe import fused_experts, fused_experts_ref
 from workers.parallel import SINGLE, TPGroup
+from workers.parallel_layers import narrow_shard
 
 # Checkpoint projection name -> (stacked parameter, row block): gate and up share w13_weight.
 EXPERT_SHARDS: dict[str, tuple[str, int | None]] = {
@@ -66,6 +67,7 @@ class FusedMoE(nn.Module):
         # This rank's experts [expert_start, +local_experts) and slice of I [inter_start, +I').
         self.expert_start, self.local_experts = 0, num_experts
         self.inter_start, self.intermediate_size = 0, intermediate_size
+        self.full_intermediate_size = intermediate_size
         if self.expert_parallel:
             self.expert_start, self.local_experts = tp.shard(num_experts, "num_experts")
         else:
@@ -95,12 +97,12 @@ class FusedMoE(nn.Module):
         if not 0 <= expert < self.local_experts:
             return
         target = param.data[expert]
-        size = self.intermediate_size
+        size, full = self.intermediate_size, self.full_intermediate_size
         if j is not None:
             target = target.narrow(0, j * size, size)
-            loaded_weight = loaded_weight.narrow(0, self.inter_start, size)
-        else:
-            loaded_weight = loaded_weight.narrow(1, self.inter_start, size)
+        # I is dim 0 of gate/up [I, H] and dim 1 of down [H, I].
+        loaded_weight = narrow_shard(loaded_weight, 0 if j is not None else 1, full,
+                                     self.inter_start, size)
         if target.shape != loaded_weight.shape:
             raise ValueError(f"shape mismatch: expert slice {tuple(target.shape)}, "
                              f"checkpoint {tuple(loaded_weight.shape)}")

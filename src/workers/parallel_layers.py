@@ -39,6 +39,15 @@ from workers.layers import (
 from workers.parallel import SINGLE, TPGroup
 
 
+def narrow_shard(loaded: torch.Tensor, dim: int, total: int, start: int, length: int
+                 ) -> torch.Tensor:
+    """loaded[start:start+length] along `dim`, after checking the checkpoint holds all `total`."""
+    if loaded.dim() <= dim or loaded.shape[dim] != total:
+        raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected {total} "
+                         f"along dim {dim} (this rank keeps [{start}, {start + length}))")
+    return loaded.narrow(dim, start, length)
+
+
 def kv_head_shard(num_kv_heads: int, tp: TPGroup) -> tuple[int, int]:
     """(first kv head, count) this rank holds: an even split, or one replicated head."""
     if num_kv_heads >= tp.size:
@@ -54,13 +63,14 @@ class ColumnParallelLinear(Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  tp: TPGroup = SINGLE) -> None:
-        self.tp = tp
+        self.tp, self.total = tp, out_features
         self.start, size = tp.shard(out_features, "output features")
         super().__init__(in_features, size, bias, loader=self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         """Copy this rank's rows of the checkpoint tensor."""
-        default_weight_loader(param, loaded_weight.narrow(0, self.start, param.shape[0]))
+        default_weight_loader(param, narrow_shard(loaded_weight, 0, self.total, self.start,
+                                                  param.shape[0]))
 
 
 class RowParallelLinear(Linear):
@@ -68,15 +78,15 @@ class RowParallelLinear(Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  tp: TPGroup = SINGLE) -> None:
-        self.tp = tp
+        self.tp, self.total = tp, in_features
         self.start, size = tp.shard(in_features, "input features")
         super().__init__(size, out_features, bias, loader=self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         """Weight: this rank's input columns. Bias: rank 0 only (others zero), so the
         all-reduce adds it once."""
-        if loaded_weight.dim() == 2:
-            loaded_weight = loaded_weight.narrow(1, self.start, param.shape[1])
+        if param.dim() == 2:
+            loaded_weight = narrow_shard(loaded_weight, 1, self.total, self.start, param.shape[1])
         elif not self.tp.is_first:
             loaded_weight = torch.zeros_like(loaded_weight)
         default_weight_loader(param, loaded_weight)
@@ -98,8 +108,9 @@ class MergedColumnParallelLinear(MergedLinear):
                       shard_id: int) -> None:
         """Narrow checkpoint projection `shard_id` to this rank's rows, then stack it."""
         size = self.output_sizes[shard_id]
-        super().weight_loader(param, loaded_weight.narrow(0, self.tp.rank * size, size),
-                              shard_id)
+        loaded_weight = narrow_shard(loaded_weight, 0, size * self.tp.size, self.tp.rank * size,
+                                     size)
+        super().weight_loader(param, loaded_weight, shard_id)
 
 
 class QKVParallelLinear(QKVLinear):
@@ -112,12 +123,15 @@ class QKVParallelLinear(QKVLinear):
         kv_start, self.num_kv_heads = kv_head_shard(num_kv_heads, tp)
         self.starts = {"q": q_start * head_dim, "k": kv_start * head_dim,
                        "v": kv_start * head_dim}
+        self.totals = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
+                       "v": num_kv_heads * head_dim}
         super().__init__(hidden_size, head_dim, self.num_heads, self.num_kv_heads, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: str) -> None:
         """Narrow the checkpoint's q, k or v tensor to this rank's heads, then place it."""
-        loaded_weight = loaded_weight.narrow(0, self.starts[shard_id], self.sizes[shard_id])
+        loaded_weight = narrow_shard(loaded_weight, 0, self.totals[shard_id],
+                                     self.starts[shard_id], self.sizes[shard_id])
         super().weight_loader(param, loaded_weight, shard_id)
 
 
