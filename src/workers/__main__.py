@@ -37,12 +37,17 @@ def main() -> None:
         traceback.print_exc()
         outq.put(encode(WorkerError(message=f"worker {args.rank}: {traceback.format_exc()}")))
         sys.exit(1)
+    clean = False
     try:
-        worker.run(inq, outq)
+        clean = worker.run(inq, outq)
     finally:
         inq.close()
         outq.close()
         outq.unlink()  # the core's mapping stays valid; only the name goes
+    if not clean:
+        # Skip interpreter teardown: a process group whose peers hang in a collective can block
+        # it. The error is already on the ring.
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ class Worker:
             time.sleep(0.5)
         os._exit(1)
 
-    def run(self, inq: BroadcastQueue, outq: BroadcastQueue | None) -> None:
+    def run(self, inq: BroadcastQueue, outq: BroadcastQueue | None) -> bool:
+        """Serve until Shutdown (returns True) or a failure, reported first (returns False)."""
         while True:
             msg = worker_input_decoder.decode(inq.get(should_abort=self.parent_gone))
             try:
@@ -94,9 +95,11 @@ class Worker:
             answers = self.tp.is_first or not isinstance(msg, ExecuteStep)
             if outq is not None and (answers or isinstance(reply, WorkerError)):
                 outq.put(encode(reply), should_abort=self.parent_gone)
-            if isinstance(msg, Shutdown) or isinstance(reply, WorkerError):
+            if isinstance(reply, WorkerError):
+                return False  # peers may be blocked in a collective: no orderly group teardown
+            if isinstance(msg, Shutdown):
                 destroy_tp_group()
-                return
+                return True
 
     def handle(self, msg):  # -> WorkerOutput
         match msg:
