@@ -42,14 +42,15 @@ def main() -> None:
     lines = []
     for mode in args.modes:
         for size in args.sizes:
-            result = run(size, mode, args.preset, extra)["engine"]
+            full = run(size, mode, args.preset, extra)
+            name, result = Path(full["model"]).name, full["engine"]
             if mode == "throughput":
-                lines.append(f"{args.preset} tp={size} throughput: "
+                lines.append(f"{name} tp={size} throughput: "
                              f"{result['output_tok_s']:.0f} output tok/s, "
                              f"{result['total_tok_s']:.0f} total tok/s, "
                              f"{result['elapsed_s']:.1f} s")
             else:
-                lines += [f"{args.preset} tp={size} decode bs={r['batch_size']} "
+                lines += [f"{name} tp={size} decode bs={r['batch_size']} "
                           f"ctx={r['context']}: ITL {r['median_itl_ms']:.2f} ms, "
                           f"{r['tok_s_total']:.0f} tok/s" for r in result]
     print("\n".join(lines))
