@@ -48,13 +48,15 @@ PRESETS = {
 }
 
 
-def make_preset(name: str) -> str:
-    """A checkpoint folder with the preset's config.json and the demo tokenizer (no weights)."""
+def make_preset(name: str, **overrides) -> str:
+    """A checkpoint folder with the preset's config.json (plus `overrides`) and the demo
+    tokenizer (no weights)."""
     from workers.demo import build_tokenizer
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     build_tokenizer(out)
-    (out / "config.json").write_text(json.dumps({**PRESETS[name], "dtype": "bfloat16"}))
+    config = {**PRESETS[name], "dtype": "bfloat16", **overrides}
+    (out / "config.json").write_text(json.dumps(config))
     return str(out)
 
 
@@ -68,11 +70,17 @@ def workload(n: int, lo: int, hi: int, seed: int) -> list[tuple[list[int], int]]
     return list(zip(prompts, [random.randint(lo, hi) for _ in range(n)], strict=True))
 
 
-def run_throughput(llm, reqs) -> dict:
+def run_throughput(llm, reqs, structured_fraction: float = 0.0) -> dict:
     from frontend import SamplingParams
+    from sampling.params import StructuredOutputsParams
 
-    params = [SamplingParams(temperature=0.6, max_tokens=out, ignore_eos=True, detokenize=False)
-              for _, out in reqs]
+    # Constrained requests (the fraction asked, spread evenly) carry a regex that never completes,
+    # so ignore_eos keeps every output length exact.
+    regex = StructuredOutputsParams(regex="[a-z ,.]*")
+    params = [SamplingParams(temperature=0.6, max_tokens=out, ignore_eos=True, detokenize=False,
+                             structured_outputs=regex if int((i + 1) * structured_fraction)
+                             > int(i * structured_fraction) else None)
+              for i, (_, out) in enumerate(reqs)]
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -163,6 +171,8 @@ def main() -> None:
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--enable-expert-parallel", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--structured-fraction", type=float, default=0.0,
+                    help="throughput mode: fraction of requests with a regex constraint")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -182,7 +192,7 @@ def main() -> None:
     try:
         if args.mode == "throughput":
             reqs = workload(args.num_prompts, args.min_len, args.max_len, args.seed)
-            results["engine"] = run_throughput(llm, reqs)
+            results["engine"] = run_throughput(llm, reqs, args.structured_fraction)
         else:
             results["engine"] = [run_latency(llm, bs, args.context, args.new_tokens, vocab)
                                  for bs in args.batch_sizes]

@@ -13,12 +13,13 @@ import argparse
 import statistics
 import time
 
+import msgspec
 import torch
 from bench_throughput import make_preset
 
 from enginecore.config import EngineConfig
 from enginecore.protocol import CachedReqs, ExecuteStep, NewReq, StepResult
-from sampling.params import SamplingParams
+from sampling.params import SamplingParams, StructuredOutputsParams
 from workers.runner import ModelRunner
 
 
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--structured-fraction", type=float, default=0.0,
+                    help="fraction of the requests constrained by the regex [a-z ,.]*")
     args = ap.parse_args()
     bs, ctx = args.batch_size, args.context
     cfg = EngineConfig.create(make_preset(args.preset), load_format="dummy", max_model_len=4096,
@@ -37,10 +40,14 @@ def main() -> None:
     block = cfg.cache.block_size
     per_req = (ctx + 3 * args.steps + 8 + block) // block  # room for every step below
     runner.init_kv_cache(bs * per_req + 1)
-    params = SamplingParams(temperature=args.temperature, max_tokens=4096, ignore_eos=True)
+    free = SamplingParams(temperature=args.temperature, max_tokens=4096, ignore_eos=True)
+    constrained = msgspec.structs.replace(
+        free, structured_outputs=StructuredOutputsParams(regex="[a-z ,.]*"))
+    frac = args.structured_fraction
+    params = [constrained if int((i + 1) * frac) > int(i * frac) else free for i in range(bs)]
     ids = [f"r{i}" for i in range(bs)]
-    new = [NewReq(rid, [7] * ctx, params, list(range(1 + i * per_req, 1 + (i + 1) * per_req)), 0)
-           for i, rid in enumerate(ids)]
+    new = [NewReq(rid, [7] * ctx, params[i], list(range(1 + i * per_req, 1 + (i + 1) * per_req)),
+                  0) for i, rid in enumerate(ids)]
     step_id = 0
     # Prefill in chunks of the token budget.
     for rid_chunk in range(0, bs, max(1, 8192 // ctx)):
@@ -85,7 +92,8 @@ def main() -> None:
     def ms(xs: list[float]) -> str:
         return f"{statistics.median(xs) * 1e3:.3f} ms"
 
-    print(f"{args.preset} bs={bs} ctx={ctx}: execute {ms(totals)} | prepare {ms(prep)} | "
+    print(f"{args.preset} bs={bs} ctx={ctx} constrained={frac}: execute {ms(totals)} | "
+          f"prepare {ms(prep)} | "
           f"forward (GPU) {ms(replay)} | logits+sample (host, incl. sync) {ms(sample)}")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -19,9 +19,10 @@ from torch import Tensor
 
 from kernels.gumbel import gumbel_sample
 from kernels.sample import apply_token_bitmask, apply_token_bitmask_ref
+from sampling.bitmask import GrammarBitmask
 from sampling.logits import LogitsProcessors, to_device
 from sampling.params import SamplingParams
-from sampling.structured import RequestGrammar, fill_bitmasks
+from sampling.structured import RequestGrammar
 
 
 @dataclass
@@ -49,8 +50,8 @@ class SamplerOutput:
 class Sampler:
     """Batched sampler; the pipeline below runs in this order for every row.
 
-    0. grammar bitmask rows are filled on the CPU (llguidance, no GIL) while the GPU still
-       runs the forward pass and the LM head
+    0. grammar bitmask rows are filled on the CPU (llguidance, no GIL) on a background thread
+       (`sampling.bitmask`), started by the runner before the forward is launched
     1. raw logprobs = log_softmax(logits), kept for the logprobs output (vLLM "raw_logprobs")
     1b. grammar bitmask: -inf on the tokens a constrained row's grammar forbids
     2. allowed_token_ids: -inf outside the row's whitelist
@@ -71,8 +72,7 @@ class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int]) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
-        self._bitmask_host: Tensor | None = None  # [rows, ceil(V/32)] int32, pinned on GPU
-        self._bitmask_copied: torch.cuda.Event | None = None
+        self.bitmask = GrammarBitmask(vocab_size)  # the runner may `start` it before forward
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample one token per row of `logits` [N, V]."""
@@ -80,7 +80,11 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape == (len(params), self.vocab_size), logits.shape
         assert len(batch.prompt_token_ids) == len(batch.output_token_ids) == len(params)
         assert len(batch.generators) == len(params)
-        bitmask = self._grammar_bitmask(batch.grammars, logits.device) if batch.grammars else None
+        bitmask = None
+        if batch.grammars:
+            if not self.bitmask.pending:
+                self.bitmask.start(batch.grammars, logits.device)
+            bitmask = self.bitmask.take(logits.device)
         logits = logits.float()  # no-op for the fp32 logits the model returns
         asked = [p.logprobs for p in params if p.logprobs is not None]
         raw_logprobs = logits.log_softmax(dim=-1) if asked else None  # [N, V], before step 2
@@ -106,28 +110,6 @@ class Sampler:
             return SamplerOutput(sampled)
         ids, lps, ranks = gather_logprobs(raw_logprobs, sampled, max(asked))
         return SamplerOutput(sampled, ids, lps, ranks)
-
-    def _grammar_bitmask(self, grammars: list[RequestGrammar | None],
-                         device: torch.device) -> tuple[Tensor, Tensor] | None:
-        """Step 0: (bitmask [M, W] int32, row indices [M] int64) on `device`, or None."""
-        rows = [i for i, g in enumerate(grammars) if g is not None]
-        if not rows:
-            return None
-        words = -(-self.vocab_size // 32)
-        host = self._bitmask_host
-        if host is None or host.shape[0] < len(rows):
-            host = torch.empty((max(len(rows), 16), words), dtype=torch.int32,
-                               pin_memory=device.type == "cuda")
-            self._bitmask_host = host
-        elif self._bitmask_copied is not None:
-            self._bitmask_copied.synchronize()  # the last step's copy out of `host` is done
-        host = host[: len(rows)]
-        fill_bitmasks([g for g in grammars if g is not None], host.numpy())
-        bitmask = host.to(device, non_blocking=True)
-        if device.type == "cuda":
-            self._bitmask_copied = torch.cuda.Event()
-            self._bitmask_copied.record()
-        return bitmask, to_device(rows, torch.int64, device)
 
 
 # Settings of a row that is neither scaled nor truncated (greedy rows in a mixed batch).

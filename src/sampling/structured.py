@@ -180,6 +180,7 @@ class RequestGrammar:
         self._active = not end or list(prompt_token_ids[len(prompt_token_ids) - len(end):]) == end
         self._recent: collections.deque[int] = collections.deque(maxlen=len(self._reasoning_end))
         self._num_accepted = 0  # tokens given to the matcher (for rollback bookkeeping)
+        self._deferred: list[int] = []  # sampled, not yet consumed (`defer_tokens`)
         self._error_logged = False
         self.accept_tokens(output_token_ids)
 
@@ -196,10 +197,22 @@ class RequestGrammar:
     @property
     def is_active(self) -> bool:
         """False while the output is still reasoning (before the reasoning end sequence)."""
+        self._flush()
         return self._active
+
+    def defer_tokens(self, token_ids: Sequence[int]) -> None:
+        """Queue sampled tokens; they are consumed on the matcher's next use (mask, validate,
+        rollback, accept), so the caller pays nothing now."""
+        self._deferred.extend(token_ids)
+
+    def _flush(self) -> None:
+        if self._deferred:
+            tokens, self._deferred = self._deferred, []
+            self.accept_tokens(tokens)
 
     def accept_tokens(self, token_ids: Sequence[int]) -> bool:
         """Advance past sampled tokens; False if the grammar rejected one (matcher errored)."""
+        self._flush()
         for i, token in enumerate(token_ids):
             if not self._active:
                 self._recent.append(token)
@@ -221,12 +234,14 @@ class RequestGrammar:
 
     def validate_tokens(self, token_ids: Sequence[int]) -> int:
         """How many leading tokens of `token_ids` the grammar would accept (nothing changes)."""
+        self._flush()
         if not self._active:
             return len(token_ids)
         return self.matcher.validate_tokens(list(token_ids))
 
     def rollback(self, num_tokens: int) -> None:
         """Forget the last `num_tokens` accepted tokens (rejected speculative tokens)."""
+        self._flush()
         num_tokens = min(num_tokens, self._num_accepted)
         self._num_accepted -= num_tokens
         if self._matcher is None:
@@ -236,10 +251,12 @@ class RequestGrammar:
 
     def is_terminated(self) -> bool:
         """True once the grammar is complete (only EOS may follow) or has failed."""
+        self._flush()
         return self._active and self.matcher.is_stopped()
 
     def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
         """Write the allowed next tokens into `bitmask[row]` (int32 words)."""
+        self._flush()
         if not self._active:
             bitmask[row] = _ALL_ALLOWED
             return

@@ -151,6 +151,9 @@ class ModelRunner:
         if not step.num_scheduled_tokens:
             return StepResult(step_id=step.step_id, req_ids=[], sampled=[])
         inputs = self._prepare_inputs(step)
+        if any(r.grammar is not None for r in inputs.sample_reqs):
+            # Filled on a background thread while this thread launches the forward.
+            self.sampler.bitmask.start([r.grammar for r in inputs.sample_reqs], self.device)
         hidden = self._forward(inputs)
         result = StepResult(step_id=step.step_id, req_ids=[], sampled=[])
         if inputs.prompt_lp:
@@ -265,7 +268,8 @@ class ModelRunner:
         for state, token in zip(reqs, sampled, strict=True):
             state.output_token_ids.append(token)
             if state.grammar is not None:
-                state.grammar.accept_tokens((token,))
+                # Consumed by the next step's bitmask fill, off the sync-to-launch path.
+                state.grammar.defer_tokens((token,))
         if out is not None and out.logprobs is not None:
             ids, lps = out.logprob_token_ids.tolist(), out.logprobs.tolist()
             ranks = out.ranks.tolist()

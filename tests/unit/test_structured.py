@@ -21,6 +21,7 @@ from frontend.cli import parse_serve_args
 from frontend.processor import Processor
 from frontend.tokenizer import Tokenizer
 from kernels.sample import apply_token_bitmask_ref
+from sampling.bitmask import GrammarBitmask
 from sampling.params import SamplingParams
 from sampling.params import StructuredOutputsParams as SO
 from sampling.sampler import Sampler, SamplingBatch
@@ -200,6 +201,32 @@ def test_sampler_masks_constrained_rows_only(compiler):
     assert compiler.tokenizer.decode_str([int(out[1])]) in first
     assert int(out[1]) == max((t for t in range(V) if grammar.validate_tokens([t]) == 1),
                               key=lambda t: logits[1, t])
+
+
+def test_deferred_tokens_and_background_fill_match_eager_accept(compiler):
+    """defer_tokens + GrammarBitmask (the runner's path) gives the masks eager accept gives."""
+    tok = compiler.tokenizer
+    eager = compiler.compile(SO(regex="ab[0-9]{3}"))
+    lazy = compiler.compile(SO(regex="ab[0-9]{3}"))
+    filler = GrammarBitmask(V_PAD)
+    for piece in ("ab", "1", "2"):
+        ids = tok.tokenize_str(piece)
+        eager.accept_tokens(ids)
+        lazy.defer_tokens(ids)
+        filler.start([None, lazy], torch.device("cpu"))
+        assert filler.pending
+        bitmask, rows = filler.take(torch.device("cpu"))
+        assert not filler.pending and rows.tolist() == [1]
+        one = np.zeros((1, V_PAD // 32), dtype=np.int32)
+        eager.fill_bitmask(one, 0)
+        assert np.array_equal(bitmask[0].numpy(), one[0]), piece
+    lazy.defer_tokens(tok.tokenize_str("3"))
+    assert lazy.is_terminated()  # consuming the deferred "3" completes the grammar
+    lazy.defer_tokens(tok.tokenize_str("x"))
+    lazy.rollback(1)  # the deferred token is consumed (rejected), then rolled back
+    filler.start([None, None], torch.device("cpu"))
+    assert filler.take(torch.device("cpu")) is None
+    filler.shutdown()
 
 
 def test_bitmask_ref_against_a_python_loop():
