@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from frontend import LLM, EngineDeadError, SamplingParams
+from sampling.params import StructuredOutputsParams
 from workers.demo import build_tiny_checkpoint
 
 MAX_NEW = 8
@@ -117,11 +119,20 @@ def _rank_pid(core_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under pid {core_pid}")
 
 
-def test_killed_rank_1_fails_generate_quickly(checkpoints: dict) -> None:
+def test_rank_0_grammar_and_seeds_then_killed_rank_1_fails_quickly(checkpoints: dict) -> None:
     # Rank 0 is then stuck in a collective that will never complete: the executor must notice
     # rank 1's death itself rather than wait for rank 0's answer.
     llm = LLM(checkpoints["qwen3-qknorm-tied"], tensor_parallel_size=2, device="cpu")
     try:
+        # First, while healthy: a structured request (only rank 0 holds the grammar matcher)
+        # next to a random one, then the same seeded request again.
+        constrained = SamplingParams(temperature=1.0, seed=4, max_tokens=20, structured_outputs=
+                                     StructuredOutputsParams(regex="(yes|no)[0-9]{2}"))
+        free = SamplingParams(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+        first = llm.generate(["hello", "world"], [constrained, free], use_tqdm=False)
+        assert re.fullmatch("(yes|no)[0-9]{2}", first[0].outputs[0].text), first[0].outputs[0]
+        again = llm.generate(["world"], free, use_tqdm=False)
+        assert again[0].outputs[0].token_ids == first[1].outputs[0].token_ids
         victim = _rank_pid(llm.engine.core.proc.pid, rank=1)
         result: dict = {}
 
