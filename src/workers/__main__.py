@@ -36,7 +36,8 @@ def main() -> None:
     except Exception:
         traceback.print_exc()
         outq.put(encode(WorkerError(message=f"worker {args.rank}: {traceback.format_exc()}")))
-        sys.exit(1)
+        sys.stderr.flush()
+        os._exit(1)  # as below: no interpreter teardown with a half-joined process group
     clean = False
     try:
         clean = worker.run(inq, outq)
