@@ -140,6 +140,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             vocab_size=info["vocab_size"], eos_token_ids=info["eos_token_ids"])
         cfg = msgspec.structs.replace(self, model=model)
         cfg.validate()
+        _check_tensor_parallel(self.parallel.tensor_parallel_size, info)
         return cfg
 
     def validate(self) -> None:
@@ -202,6 +203,17 @@ def _structured_outputs_config(value: object) -> StructuredOutputsConfig:
         raise ValueError(f"structured_outputs_config: {e}") from None
 
 
+def _check_tensor_parallel(size: int, info: dict) -> None:
+    # Workers check every sharded size again; these two fail before any process starts.
+    heads, kv_heads = info["num_attention_heads"], info["num_key_value_heads"]
+    if heads % size:
+        raise ValueError(f"num_attention_heads ({heads}) is not divisible by "
+                         f"tensor_parallel_size ({size})")
+    if kv_heads % size and size % kv_heads:
+        raise ValueError(f"num_key_value_heads ({kv_heads}) and tensor_parallel_size ({size}): "
+                         "one must divide the other")
+
+
 def read_checkpoint_info(model_dir: str) -> dict:
     """Architecture, vocab size, context length and EOS ids from an HF checkpoint directory."""
     path = Path(model_dir)
@@ -218,7 +230,10 @@ def read_checkpoint_info(model_dir: str) -> dict:
             if value is not None:
                 eos = [value] if isinstance(value, int) else list(value)
                 break
+    heads = int(text_cfg.get("num_attention_heads", 1))
     return {
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(text_cfg.get("num_key_value_heads") or heads),
         "architecture": (hf.get("architectures") or [""])[0],
         "vocab_size": int(text_cfg["vocab_size"]),
         "max_position_embeddings": int(text_cfg.get("max_position_embeddings", 2048)),

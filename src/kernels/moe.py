@@ -17,6 +17,10 @@ row of work for expert topk_ids[t, k]. The pipeline, all launches of static shap
         | p0 p3 -- -- | p1 p2 p4 p5 | p6 -- -- -- | unused ...
           tile 0: e0    tile 1: e2    tile 2: e2     (-- = sentinel T*K, never read or written)
 
+Expert parallelism: a pair whose expert id is outside [0, E) belongs to an expert another rank
+holds. Align drops it (it gets no row), the GEMMs never see it, and the caller gives it weight 0,
+which combine reads as "skip this row" (it was never written).
+
 P is bounded by shapes alone: at most min(TK, E) experts are hit, each wastes < BLOCK_M rows, so
 P <= TK + min(TK, E) * (BLOCK_M - 1). The grids cover that bound and idle tiles return early.
 
@@ -142,6 +146,8 @@ def fused_experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for e in topk_ids.unique().tolist():
+        if not 0 <= e < w13.shape[0]:
+            continue  # another rank's expert (expert parallelism)
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)
         gate, up = F.linear(hidden[tok], w13[e]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, w2[e])  # [n, H] in hidden.dtype
@@ -154,11 +160,12 @@ def fused_experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _moe_count_kernel(ids_ptr, counts_ptr, ranks_ptr, num_pairs, BLOCK: tl.constexpr):
+def _moe_count_kernel(ids_ptr, counts_ptr, ranks_ptr, num_pairs, num_experts,
+                      BLOCK: tl.constexpr):
     # The atomic returns the count before this pair: its rank inside its expert's group.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_pairs
-    expert = tl.load(ids_ptr + offs, mask=mask, other=0)
+    expert = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    mask = (expert >= 0) & (expert < num_experts)  # others: another rank's experts (EP)
     rank = tl.atomic_add(counts_ptr + expert, 1, mask=mask)
     tl.store(ranks_ptr + offs, rank, mask=mask)
 
@@ -189,11 +196,11 @@ def _moe_offsets_kernel(counts_ptr, starts_ptr, expert_ids_ptr, num_post_ptr, nu
 
 
 @triton.jit
-def _moe_scatter_kernel(ids_ptr, ranks_ptr, starts_ptr, sorted_ptr, num_pairs,
+def _moe_scatter_kernel(ids_ptr, ranks_ptr, starts_ptr, sorted_ptr, num_pairs, num_experts,
                         BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_pairs
-    expert = tl.load(ids_ptr + offs, mask=mask, other=0)
+    expert = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    mask = (expert >= 0) & (expert < num_experts)
     rank = tl.load(ranks_ptr + offs, mask=mask, other=0)
     start = tl.load(starts_ptr + expert, mask=mask, other=0)
     tl.store(sorted_ptr + start + rank, offs, mask=mask)
@@ -216,12 +223,13 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     ranks = torch.empty(num_pairs, dtype=torch.int32, device=device)
     grid = (triton.cdiv(num_pairs, ALIGN_BLOCK),)
     if num_pairs:
-        _moe_count_kernel[grid](topk_ids, counts, ranks, num_pairs, BLOCK=ALIGN_BLOCK)
+        _moe_count_kernel[grid](topk_ids, counts, ranks, num_pairs, num_experts,
+                                BLOCK=ALIGN_BLOCK)
     _moe_offsets_kernel[(1,)](counts, starts, expert_ids, num_post, num_experts,
                               expert_ids.numel(), BLOCK_M=block_m,
                               EXPERTS=triton.next_power_of_2(num_experts), TILES=64)
     if num_pairs:
-        _moe_scatter_kernel[grid](topk_ids, ranks, starts, sorted_ids, num_pairs,
+        _moe_scatter_kernel[grid](topk_ids, ranks, starts, sorted_ids, num_pairs, num_experts,
                                   BLOCK=ALIGN_BLOCK)
     return sorted_ids, expert_ids, num_post
 
@@ -314,8 +322,10 @@ def _moe_combine_kernel(y_ptr, w_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK: tl
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         weight = tl.load(w_ptr + tok * TOP_K + k).to(tl.float32)
-        y = tl.load(y_ptr + (tok * TOP_K + k) * H + cols, mask=mask, other=0.0)
-        acc += weight * y.to(tl.float32)
+        # A zero weight marks a pair another rank computes (EP): its row was never written.
+        if weight != 0:
+            y = tl.load(y_ptr + (tok * TOP_K + k) * H + cols, mask=mask, other=0.0)
+            acc += weight * y.to(tl.float32)
     tl.store(out_ptr + tok * H + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

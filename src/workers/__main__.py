@@ -18,29 +18,37 @@ def main() -> None:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
     parser.add_argument("--broadcast", required=True, help="shm name of the step broadcast ring")
-    parser.add_argument("--response", required=True, help="shm name of the response ring (rank 0)")
+    parser.add_argument("--response", required=True, help="shm name of this rank's response ring")
+    parser.add_argument("--dist-init", default=None,
+                        help="torch.distributed init method (tcp://host:port) for TP > 1")
     args = parser.parse_args()
     logging.basicConfig(level=Env.LOG_LEVEL, format=f"%(asctime)s worker{args.rank} %(message)s")
     parent_pid = os.getppid()
-    # Rank 0 creates the response ring first thing, so the core can attach while the model loads.
-    outq = BroadcastQueue.create(num_readers=1, name=args.response) if args.rank == 0 else None
+    # Each rank creates its response ring first thing, so the core can attach while the model
+    # loads (and read a startup error from any rank).
+    outq = BroadcastQueue.create(num_readers=1, name=args.response)
     inq = BroadcastQueue.attach(args.broadcast, reader_rank=args.rank)
     try:
         from workers.worker import Worker  # heavy import (torch) after the rings exist
 
-        worker = Worker(EngineConfig.from_json(args.config), args.rank, parent_pid)
+        worker = Worker(EngineConfig.from_json(args.config), args.rank, parent_pid,
+                        args.dist_init)
     except Exception:
         traceback.print_exc()
-        if outq is not None:
-            outq.put(encode(WorkerError(message=traceback.format_exc())))
-        sys.exit(1)
+        outq.put(encode(WorkerError(message=f"worker {args.rank}: {traceback.format_exc()}")))
+        sys.stderr.flush()
+        os._exit(1)  # as below: no interpreter teardown with a half-joined process group
+    clean = False
     try:
-        worker.run(inq, outq)
+        clean = worker.run(inq, outq)
     finally:
         inq.close()
-        if outq is not None:
-            outq.close()
-            outq.unlink()  # the core's mapping stays valid; only the name goes
+        outq.close()
+        outq.unlink()  # the core's mapping stays valid; only the name goes
+    if not clean:
+        # Skip interpreter teardown: a process group whose peers hang in a collective can block
+        # it. The error is already on the ring.
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ activation run fused Triton kernels on CUDA tensors (`kernels.norm`, `kernels.ro
 
 Every parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` attribute. The
 loader calls it with the checkpoint tensor; packed layers (QKVLinear, MergedLinear) use `shard_id`
-to place each checkpoint tensor in its slice. Tensor parallelism will slot in here: a loader will
-narrow `loaded_weight` to this rank's shard before copying.
+to place each checkpoint tensor in its slice. The tensor-parallel subclasses
+(`workers.parallel_layers`) narrow `loaded_weight` to their rank's shard before these copy it.
 
 Dimension legend:
     T tokens, H hidden size, I intermediate size, V vocab size
@@ -150,7 +150,7 @@ class RotaryEmbedding(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). Column- and row-parallel variants will split W when TP arrives."""
+    """y = x W^T (+ b); column- and row-parallel subclasses in `workers.parallel_layers`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  loader: WeightLoader = default_weight_loader) -> None:

@@ -6,6 +6,11 @@ num_computed_tokens).
 Sampled tokens are appended here as well as in the scheduler, so both sides stay in sync without
 resending token lists.
 
+Tensor parallelism: every rank runs the same steps on its shards; the LM head gathers full
+logits on rank 0 only, rank 0 samples and broadcasts the tokens, so every rank appends the same
+token without relying on bit-identical sampling across processes. Only rank 0 keeps grammar
+matchers and computes logprobs (its `StepResult` is the one the core reads).
+
 Dimension legend: T = tokens scheduled this step (all requests, flattened), B = requests in the
 step, N = rows that sample this step, V = vocab size, K = logprobs asked for.
 """
@@ -28,6 +33,7 @@ from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
 from workers.models import load_model
 from workers.multimodal import MultiModalRunner
+from workers.parallel import SINGLE, TPGroup
 
 _MASK63 = (1 << 63) - 1
 
@@ -79,17 +85,21 @@ class StepInputs:
 class ModelRunner:
     """Owns the model, the KV cache tensors and the per-request state of one worker."""
 
-    def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 tp: TPGroup = SINGLE):
         self.config = config
         self.device = device
         self.dtype = dtype
+        self.tp = tp
         self.block_size = config.cache.block_size
-        self.model = load_model(config.model.model, dtype, device, config.model.load_format)
+        self.model = load_model(config.model.model, dtype, device, config.model.load_format, tp)
         self.sampler = Sampler(config.model.vocab_size, config.model.eos_token_ids)
         # Matchers live here, not in the engine core: with async scheduling only the workers
-        # know a step's sampled token before the next step runs.
+        # know a step's sampled token before the next step runs. Only the sampling rank needs
+        # them.
         self.grammars = GrammarCompiler(config.model.tokenizer or config.model.model,
-                                        config.model.vocab_size, config.model.eos_token_ids)
+                                        config.model.vocab_size, config.model.eos_token_ids
+                                        ) if tp.is_first else None
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         sched = config.scheduler
@@ -138,8 +148,9 @@ class ModelRunner:
         with set_forward_context(meta):
             hidden = self.model(ids, ids)
         rows = min(sched.max_num_seqs, num_tokens)
-        logits = self.model.compute_logits(hidden[:rows])
-        torch.softmax(logits, dim=-1).argmax(-1)
+        logits = self.model.compute_logits(hidden[:rows])  # None on TP ranks > 0
+        if logits is not None:
+            torch.softmax(logits, dim=-1).argmax(-1)
         if self.mm is not None:  # the vision tower's activations at the encoder budget
             self.mm.profile(sched.max_num_encoder_input_tokens or sched.max_num_batched_tokens)
 
@@ -186,7 +197,7 @@ class ModelRunner:
             generator = torch.Generator(device=self.device)
         structured = new.sampling.structured_outputs
         # Compiles in a thread pool; only the first sample of this request waits for it.
-        grammar = None if structured is None else self.grammars.compile(
+        grammar = None if structured is None or self.grammars is None else self.grammars.compile(
             structured, new.output_token_ids, new.prompt_token_ids)
         mrope, delta = (None, 0) if self.mm is None else self.mm.prompt_positions(
             len(new.prompt_token_ids), new.mm_inputs)
@@ -286,7 +297,32 @@ class ModelRunner:
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
         reqs = inputs.sample_reqs
         rows = torch.tensor(inputs.sample_rows, dtype=torch.int64, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32, rank 0
+        out = None
+        if logits is None:  # a TP rank > 0: receives rank 0's tokens (and NaN count)
+            tokens = torch.empty(len(reqs) + 1, dtype=torch.int64, device=self.device)
+        else:
+            out, tokens = self._run_sampler(logits, reqs)
+        # One host sync per step: tokens and the NaN count together.
+        *sampled, result.num_nans = self.tp.broadcast(tokens).tolist()
+        result.req_ids = [r.req_id for r in reqs]
+        result.sampled = sampled
+        for state, token in zip(reqs, sampled, strict=True):
+            state.output_token_ids.append(token)
+            if state.grammar is not None:
+                # Consumed by the next step's bitmask fill, off the sync-to-launch path.
+                state.grammar.defer_tokens((token,))
+        if out is not None and out.logprobs is not None:
+            ids, lps = out.logprob_token_ids.tolist(), out.logprobs.tolist()
+            ranks = out.ranks.tolist()
+            result.logprobs = [
+                None if r.sampling.logprobs is None else TokenLogprobs(
+                    token_ids=[ids[i][: r.sampling.logprobs + 1]],
+                    logprobs=[lps[i][: r.sampling.logprobs + 1]], ranks=[ranks[i]])
+                for i, r in enumerate(reqs)]
+
+    def _run_sampler(self, logits: torch.Tensor, reqs: list[CachedRequestState]):
+        """logits [N, V] -> (sampler output, int64 [N + 1]: the N tokens then the NaN count)."""
         batch = SamplingBatch(
             params=[r.sampling for r in reqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
@@ -303,22 +339,7 @@ class ModelRunner:
         # one host sync per step.
         num_nans = torch.isnan(logits).any(dim=-1).sum().view(1)
         out = self.sampler(logits, batch)
-        *sampled, result.num_nans = torch.cat([out.sampled, num_nans]).tolist()
-        result.req_ids = [r.req_id for r in reqs]
-        result.sampled = sampled
-        for state, token in zip(reqs, sampled, strict=True):
-            state.output_token_ids.append(token)
-            if state.grammar is not None:
-                # Consumed by the next step's bitmask fill, off the sync-to-launch path.
-                state.grammar.defer_tokens((token,))
-        if out.logprobs is not None:
-            ids, lps = out.logprob_token_ids.tolist(), out.logprobs.tolist()
-            ranks = out.ranks.tolist()
-            result.logprobs = [
-                None if r.sampling.logprobs is None else TokenLogprobs(
-                    token_ids=[ids[i][: r.sampling.logprobs + 1]],
-                    logprobs=[lps[i][: r.sampling.logprobs + 1]], ranks=[ranks[i]])
-                for i, r in enumerate(reqs)]
+        return out, torch.cat([out.sampled.long(), num_nans.long()])
 
     def _prompt_logprobs(self, hidden: torch.Tensor,
                          inputs: StepInputs) -> dict[str, TokenLogprobs]:
@@ -326,7 +347,9 @@ class ModelRunner:
         for state, offset, start, count in inputs.prompt_lp:
             if count <= 0:
                 continue
-            logits = self.model.compute_logits(hidden[offset: offset + count])
+            logits = self.model.compute_logits(hidden[offset: offset + count])  # collective
+            if logits is None:
+                continue  # a TP rank > 0: rank 0 answers
             targets = torch.tensor(state.prompt_token_ids[start + 1: start + 1 + count],
                                    dtype=torch.int64, device=self.device)
             k = state.sampling.prompt_logprobs or 0

@@ -1,5 +1,6 @@
 """`Worker`: one process per device. Reads `WorkerInput` from the broadcast ring, runs it, and
-(rank 0 only) answers on the response ring.
+answers on its own response ring: rank 0 answers everything, the other tensor-parallel ranks
+answer controls only (their memory report counts: the core takes the minimum) and errors.
 
 Lifecycle, driven by the engine core's executor:
     ProfileMemory -> MemoryReport      how many KV blocks fit
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 import traceback
 
 import torch
@@ -32,6 +35,7 @@ from enginecore.protocol import (
 )
 from shm import BroadcastQueue
 from workers.models import read_hf_config, resolve_dtype
+from workers.parallel import destroy_tp_group, init_tp_group
 from workers.runner import ModelRunner
 
 logger = logging.getLogger("workers")
@@ -39,40 +43,63 @@ logger = logging.getLogger("workers")
 _CPU_KV_DEFAULT_BYTES = 512 << 20
 
 
-def resolve_device(config: EngineConfig) -> torch.device:
+def resolve_device(config: EngineConfig, rank: int = 0) -> torch.device:
+    """CPU, or the GPU of this rank: ranks map to visible GPUs in order (local rank = rank)."""
     want = config.parallel.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", 0)
+        size = config.parallel.tensor_parallel_size
+        visible = torch.cuda.device_count()
+        if size > visible:
+            raise ValueError(f"tensor_parallel_size={size} exceeds the {visible} visible "
+                             "GPU(s) (CUDA_VISIBLE_DEVICES)")
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
     return torch.device("cpu")
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int, parent_pid: int):
-        if config.parallel.tensor_parallel_size != 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet")
+    def __init__(self, config: EngineConfig, rank: int, parent_pid: int,
+                 dist_init: str | None = None):
         self.config = config
         self.rank = rank
         self.parent_pid = parent_pid
         torch.manual_seed(config.model.seed)
-        self.device = resolve_device(config)
+        self.device = resolve_device(config, rank)
+        parallel = config.parallel
+        self.tp = init_tp_group(rank, parallel.tensor_parallel_size, dist_init, self.device,
+                                parallel.enable_expert_parallel)
         self.dtype = resolve_dtype(config.model.dtype, self.device,
                                    read_hf_config(config.model.model))
-        self.runner = ModelRunner(config, self.device, self.dtype)
+        self.runner = ModelRunner(config, self.device, self.dtype, self.tp)
+        if self.tp.size > 1:
+            # A rank blocked in a collective never polls the rings: watch the parent instead.
+            threading.Thread(target=self._exit_with_parent, daemon=True).start()
 
     def parent_gone(self) -> bool:
         return os.getppid() != self.parent_pid
 
-    def run(self, inq: BroadcastQueue, outq: BroadcastQueue | None) -> None:
+    def _exit_with_parent(self) -> None:
+        while not self.parent_gone():
+            time.sleep(0.5)
+        os._exit(1)
+
+    def run(self, inq: BroadcastQueue, outq: BroadcastQueue | None) -> bool:
+        """Serve until Shutdown (returns True) or a failure, reported first (returns False)."""
         while True:
             msg = worker_input_decoder.decode(inq.get(should_abort=self.parent_gone))
             try:
                 reply = self.handle(msg)
             except Exception:
                 reply = WorkerError(message=f"worker {self.rank}: {traceback.format_exc()}")
-            if outq is not None:
+            # Step results come from rank 0 only: every rank holds the same sampled tokens.
+            answers = self.tp.is_first or not isinstance(msg, ExecuteStep)
+            if outq is not None and (answers or isinstance(reply, WorkerError)):
                 outq.put(encode(reply), should_abort=self.parent_gone)
-            if isinstance(msg, Shutdown) or isinstance(reply, WorkerError):
-                return
+            if isinstance(reply, WorkerError):
+                return False  # peers may be blocked in a collective: no orderly group teardown
+            if isinstance(msg, Shutdown):
+                destroy_tp_group()
+                return True
 
     def handle(self, msg):  # -> WorkerOutput
         match msg:

@@ -240,3 +240,29 @@ def test_fused_moe_forward_routes_each_token() -> None:
         cuda_layer = layer.cuda()
         torch.testing.assert_close(cuda_layer(x.cuda(), logits.cuda()).cpu(), want,
                                    atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_expert_parallel_shards_sum_to_the_whole(device: str, dtype: torch.dtype) -> None:
+    """EP: each "rank" keeps pairs of its experts (others: id -1, weight 0); outputs add up."""
+    num_tokens, top_k, num_experts, ranks, hidden, inter = 9, 2, 4, 2, 32, 16
+    x = randn(num_tokens, hidden, seed=21, dtype=dtype, device=device)
+    w13 = randn(num_experts, 2 * inter, hidden, seed=22, dtype=dtype, device=device, scale=0.2)
+    w2 = randn(num_experts, hidden, inter, seed=23, dtype=dtype, device=device, scale=0.2)
+    ids = random_topk(num_tokens, top_k, num_experts, seed=24, device=device)
+    weights = torch.softmax(randn(num_tokens, top_k, seed=25), -1).to(device)
+    want = fused_experts_ref(x, w13, w2, weights, ids).float()
+    local = num_experts // ranks
+    total_ref, total = torch.zeros_like(want), torch.zeros_like(want)
+    for rank in range(ranks):
+        shifted = ids - rank * local
+        mine = (shifted >= 0) & (shifted < local)
+        rank_ids = shifted.masked_fill(~mine, -1).contiguous()
+        rank_w = weights.masked_fill(~mine, 0.0).contiguous()
+        experts = slice(rank * local, (rank + 1) * local)
+        args = (x, w13[experts].contiguous(), w2[experts].contiguous(), rank_w, rank_ids)
+        total_ref += fused_experts_ref(*args).float()
+        total += fused_experts(*args, SMALL).float()
+    torch.testing.assert_close(total_ref, want, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(total, want, atol=TOL[dtype], rtol=TOL[dtype])

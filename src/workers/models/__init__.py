@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from workers.loader import load_weights
+from workers.parallel import SINGLE, TPGroup
 
 # architecture -> (module, class name); a module is imported only when its model is used.
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -69,8 +70,11 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device | str,
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
-               device: torch.device | str = "cpu", load_format: str = "auto") -> nn.Module:
+               device: torch.device | str = "cpu", load_format: str = "auto",
+               tp: TPGroup = SINGLE) -> nn.Module:
     """Build the checkpoint's model on `device` in `dtype`, load its weights, set eval mode.
+
+    With a tensor-parallel group `tp` the model holds (and loads) this rank's shards only.
 
     load_format "dummy" skips the safetensors and fills every parameter with small uniform noise
     (benchmarks of large shapes need only config.json).
@@ -80,7 +84,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
     cls = model_class(architecture)
     dtype = resolve_dtype(dtype, device, hf_config)
     with torch.device(device), _default_dtype(dtype):
-        model = cls(hf_config)
+        model = cls(hf_config, tp=tp)
     if load_format == "dummy":
         gen = torch.Generator(device=device).manual_seed(0)
         for param in model.parameters():

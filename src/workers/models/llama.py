@@ -19,22 +19,21 @@ Dimension legend:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from workers.attention import Attention
-from workers.layers import (
-    Linear,
-    LMHead,
-    MergedLinear,
-    QKVLinear,
-    RMSNorm,
-    RotaryEmbedding,
-    SiluAndMul,
-    VocabEmbedding,
-    rope_parameters,
+from workers.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
+from workers.parallel import SINGLE, TPGroup
+from workers.parallel_layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    kv_head_shard,
 )
 
 
@@ -57,9 +56,12 @@ class DecoderArgs:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
+    # The tensor-parallel group every sharded layer splits over (one rank: nothing split).
+    tp: TPGroup = field(default=SINGLE, compare=False)
 
     @classmethod
-    def from_hf(cls, cfg: dict, *, always_qkv_bias: bool, qk_norm: bool) -> DecoderArgs:
+    def from_hf(cls, cfg: dict, *, always_qkv_bias: bool, qk_norm: bool,
+                tp: TPGroup = SINGLE) -> DecoderArgs:
         """Read a config.json dict (transformers v5 or legacy spelling)."""
         if cfg.get("hidden_act", "silu") != "silu":
             raise NotImplementedError(f"hidden_act {cfg['hidden_act']!r} is not supported")
@@ -81,26 +83,32 @@ class DecoderArgs:
             o_bias=attention_bias and not always_qkv_bias,  # Qwen2: never on o_proj
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=qk_norm,
+            tp=tp,
         )
 
 
 class DecoderAttention(nn.Module):
-    """qkv projection, optional per-head q/k norm, rotary, paged attention, output projection."""
+    """qkv projection, optional per-head q/k norm, rotary, paged attention, output projection.
+
+    Under tensor parallelism q/k/v hold this rank's heads only and o_proj all-reduces.
+    """
 
     def __init__(self, args: DecoderArgs, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         d = args.head_dim
-        self.q_size, self.kv_size = args.num_heads * d, args.num_kv_heads * d
         self.head_dim = d
-        self.qkv_proj = QKVLinear(args.hidden_size, d, args.num_heads, args.num_kv_heads,
-                                  bias=args.qkv_bias)
-        self.o_proj = Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.qkv_proj = QKVParallelLinear(args.hidden_size, d, args.num_heads, args.num_kv_heads,
+                                          bias=args.qkv_bias, tp=args.tp)
+        num_heads, num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # local
+        self.q_size, self.kv_size = num_heads * d, num_kv_heads * d
+        self.o_proj = RowParallelLinear(args.num_heads * d, args.hidden_size, bias=args.o_bias,
+                                        tp=args.tp)
         if args.qk_norm:
             self.q_norm = RMSNorm(d, args.rms_norm_eps)
             self.k_norm = RMSNorm(d, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
         self.rotary_emb = rotary_emb  # shared by all layers
-        self.attn = Attention(args.num_heads, args.num_kv_heads, d, scale=d**-0.5)
+        self.attn = Attention(num_heads, num_kv_heads, d, scale=d**-0.5)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], positions [T] -> [T, H]."""
@@ -121,8 +129,10 @@ class DecoderMLP(nn.Module):
     def __init__(self, args: DecoderArgs) -> None:
         super().__init__()
         size = args.intermediate_size
-        self.gate_up_proj = MergedLinear(args.hidden_size, [size, size], bias=args.mlp_bias)
-        self.down_proj = Linear(size, args.hidden_size, bias=args.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(args.hidden_size, [size, size],
+                                                       bias=args.mlp_bias, tp=args.tp)
+        self.down_proj = RowParallelLinear(size, args.hidden_size, bias=args.mlp_bias,
+                                           tp=args.tp)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +166,7 @@ class DecoderModel(nn.Module):
 
     def __init__(self, args: DecoderArgs, rotary_emb: RotaryEmbedding | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp=args.tp)
         # One cos/sin table shared by all layers; each layer rotates its q and k by `positions`.
         # A multimodal model passes its own (M-RoPE: positions [3, T]).
         self.rotary_emb = rotary_emb or RotaryEmbedding(args.head_dim, args.max_position,
@@ -190,13 +200,14 @@ class LlamaForCausalLM(nn.Module):
     always_qkv_bias = False
     qk_norm = False
 
-    def __init__(self, hf_config: dict) -> None:
+    def __init__(self, hf_config: dict, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.args = DecoderArgs.from_hf(hf_config, always_qkv_bias=self.always_qkv_bias,
-                                        qk_norm=self.qk_norm)
+                                        qk_norm=self.qk_norm, tp=tp)
         self.model = DecoderModel(self.args)
         tied = self.model.embed_tokens if self.args.tie_word_embeddings else None
-        self.lm_head = LMHead(self.args.vocab_size, self.args.hidden_size, tied_to=tied)
+        self.lm_head = ParallelLMHead(self.args.vocab_size, self.args.hidden_size, tied_to=tied,
+                                      tp=tp)
         # Some tied checkpoints still store lm_head.weight; it duplicates the embedding.
         self.ignored_weights = {"lm_head.weight"} if tied is not None else set()
 
@@ -208,13 +219,17 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] int64 -> hidden [T, H]; needs a forward context."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> fp32 logits [N, V]."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, H] -> fp32 logits [N, V] on TP rank 0; None on the other ranks.
+
+        A collective under tensor parallelism: every rank calls it with the same N.
+        """
         return self.lm_head(hidden)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        """Shape of one layer's KV cache tensor."""
-        return (2, num_blocks, block_size, self.args.num_kv_heads, self.args.head_dim)
+        """Shape of one layer's KV cache tensor (this rank's kv heads)."""
+        num_kv_heads = kv_head_shard(self.args.num_kv_heads, self.args.tp)[1]
+        return (2, num_blocks, block_size, num_kv_heads, self.args.head_dim)
 
     def bind_kv_cache(self, kv_caches: list[torch.Tensor]) -> None:
         """Give layer i the cache tensor kv_caches[i] (shape `kv_cache_shape`)."""

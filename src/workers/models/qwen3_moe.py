@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.layers import Linear, LMHead, RMSNorm, RotaryEmbedding, VocabEmbedding
+from workers.layers import Linear, RMSNorm, RotaryEmbedding
 from workers.models.llama import (
     DecoderArgs,
     DecoderAttention,
@@ -34,6 +34,8 @@ from workers.models.llama import (
     LlamaForCausalLM,
 )
 from workers.moe import EXPERT_SHARDS, FusedMoE
+from workers.parallel import SINGLE, TPGroup
+from workers.parallel_layers import ParallelLMHead, VocabParallelEmbedding
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,16 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, args: DecoderArgs, moe: MoeArgs) -> None:
         super().__init__()
+        # The router is replicated: every rank routes every token (needed by EP, cheap for TP).
         self.gate = Linear(args.hidden_size, moe.num_experts)
         self.experts = FusedMoE(moe.num_experts, moe.top_k, args.hidden_size,
-                                moe.intermediate_size, moe.renormalize)
+                                moe.intermediate_size, moe.renormalize, tp=args.tp,
+                                expert_parallel=args.tp.expert_parallel)
         self.has_shared = moe.shared_intermediate_size > 0
         if self.has_shared:
             shared = dataclasses.replace(args, intermediate_size=moe.shared_intermediate_size)
             self.shared_expert = DecoderMLP(shared)
-            self.shared_expert_gate = Linear(args.hidden_size, 1)
+            self.shared_expert_gate = Linear(args.hidden_size, 1)  # replicated, as the router
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] -> [T, H]."""
@@ -106,7 +110,7 @@ class MoeModel(nn.Module):
 
     def __init__(self, args: DecoderArgs, moe: MoeArgs) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp=args.tp)
         self.rotary_emb = RotaryEmbedding(args.head_dim, args.max_position, args.rope)
         self.layers = nn.ModuleList(MoeDecoderLayer(args, moe, self.rotary_emb, sparse)
                                     for sparse in moe.sparse_layers)
@@ -124,16 +128,17 @@ class Qwen3MoeForCausalLM(nn.Module):
     qk_norm = True
     mixtral = False
 
-    def __init__(self, hf_config: dict) -> None:
+    def __init__(self, hf_config: dict, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         if hf_config.get("use_sliding_window") or (self.mixtral and _window_bites(hf_config)):
             raise NotImplementedError("sliding-window attention is not supported")
         self.args = DecoderArgs.from_hf(hf_config, always_qkv_bias=self._qkv_bias(hf_config),
-                                        qk_norm=self.qk_norm)
+                                        qk_norm=self.qk_norm, tp=tp)
         self.moe = MoeArgs.from_hf(hf_config, mixtral=self.mixtral)
         self.model = MoeModel(self.args, self.moe)
         tied = self.model.embed_tokens if self.args.tie_word_embeddings else None
-        self.lm_head = LMHead(self.args.vocab_size, self.args.hidden_size, tied_to=tied)
+        self.lm_head = ParallelLMHead(self.args.vocab_size, self.args.hidden_size, tied_to=tied,
+                                      tp=tp)
         self.ignored_weights = {"lm_head.weight"} if tied is not None else set()
 
     def _qkv_bias(self, hf_config: dict) -> bool:
