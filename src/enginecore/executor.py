@@ -84,13 +84,22 @@ class Executor:
     # ------------------------------------------------------------ liveness
 
     def dead_worker(self) -> str | None:
-        for rank, proc in enumerate(self.procs):
-            code = proc.poll()
-            if code is not None:
-                why = f"worker {rank} (pid {proc.pid}) exited with code {code}"
-                error = self._left_error(rank)
-                return why if error is None else f"{why}: {error}"
-        return None
+        """Why the workers are dead, or None while all live.
+
+        When one rank dies its peers soon fail inside a collective and exit too; ranks killed by a
+        signal (negative exit code) are named first since they are the likelier cause.
+        """
+        dead = [(rank, proc, code) for rank, proc in enumerate(self.procs)
+                if (code := proc.poll()) is not None]
+        if not dead:
+            return None
+        dead.sort(key=lambda item: (item[2] >= 0, item[0]))
+        reasons = []
+        for rank, proc, code in dead:
+            why = f"worker {rank} (pid {proc.pid}) exited with code {code}"
+            error = self._left_error(rank)
+            reasons.append(why if error is None else f"{why}: {error}")
+        return "; ".join(reasons)
 
     def _left_error(self, rank: int) -> str | None:
         # A rank other than 0 that failed a step put its WorkerError on its own ring and exited
