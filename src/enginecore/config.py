@@ -70,6 +70,34 @@ class StructuredOutputsConfig(msgspec.Struct, frozen=True, kw_only=True):
     disable_additional_properties: bool = False
 
 
+class LoRAConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Multi-LoRA serving (docs/lora.md)."""
+
+    enable_lora: bool = False  # serve PEFT LoRA adapters next to the base model
+    max_loras: int = 1  # most distinct adapters in one batch (GPU slots)
+    max_lora_rank: int = 16  # largest adapter rank accepted (smaller ranks are padded to it)
+    # adapters kept loaded in CPU memory (LRU); default: max_loras
+    max_cpu_loras: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming a bad field."""
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= MAX_LORA_RANK:
+            raise ValueError(f"max_lora_rank must be in [1, {MAX_LORA_RANK}], "
+                             f"got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                             f"({self.max_loras})")
+
+    @property
+    def cpu_capacity(self) -> int:
+        """Adapters the CPU cache holds."""
+        return self.max_cpu_loras or self.max_loras
+
+
+MAX_LORA_RANK = 512
+
 # vLLM's backends that this engine does not implement: named in the error a user gets.
 _OTHER_BACKENDS = ("xgrammar", "outlines", "lm-format-enforcer")
 
@@ -80,6 +108,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
     structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
+    lora: LoRAConfig = LoRAConfig()
 
     @classmethod
     def create(cls, model: str, **kwargs: object) -> EngineConfig:
@@ -89,7 +118,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         """
         structured = _structured_outputs_config(kwargs.pop("structured_outputs_config", None))
         groups: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
-                                                "scheduler": {}, "parallel": {}}
+                                                "scheduler": {}, "parallel": {}, "lora": {}}
         owners = {name: group for group, struct in _GROUPS.items()
                   for name in struct.__struct_fields__}
         for key, value in kwargs.items():
@@ -99,7 +128,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                 groups[owners[key]][key] = value
         cfg = cls(model=ModelConfig(**groups["model"]), cache=CacheConfig(**groups["cache"]),
                   scheduler=SchedulerConfig(**groups["scheduler"]),
-                  parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured)
+                  parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured,
+                  lora=LoRAConfig(**groups["lora"]))
         return cfg.resolved()
 
     def resolved(self) -> EngineConfig:
@@ -133,6 +163,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"max_logprobs must be >= -1, got {self.model.max_logprobs}")
         if self.parallel.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
+        self.lora.validate()
         backend = self.structured_outputs.backend
         if backend not in ("auto", "guidance"):
             known = "a vLLM backend this engine does not implement" \
@@ -150,7 +181,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 _GROUPS: dict[str, type[msgspec.Struct]] = {
     "model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-    "parallel": ParallelConfig,
+    "parallel": ParallelConfig, "lora": LoRAConfig,
 }
 
 
@@ -198,3 +229,8 @@ class Env:
     CACHE_DIR = os.environ.get("TLS_CACHE_DIR", str(Path.home() / ".cache" / "tinyllm-serve"))
     # Log level for every process.
     LOG_LEVEL = os.environ.get("TLS_LOG_LEVEL", "INFO")
+    # Allow /v1/load_lora_adapter, /v1/unload_lora_adapter and LoRA resolvers ("1" / "true").
+    ALLOW_RUNTIME_LORA_UPDATING = os.environ.get(
+        "TLS_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in ("1", "true")
+    # Directory of adapters the filesystem LoRA resolver serves (`<dir>/<name>/`); unset: off.
+    LORA_RESOLVER_CACHE_DIR = os.environ.get("TLS_LORA_RESOLVER_CACHE_DIR") or None

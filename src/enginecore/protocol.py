@@ -20,6 +20,14 @@ from sampling.params import SamplingParams
 # ---------------------------------------------------------------- frontend -> engine core
 
 
+class LoRARef(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A LoRA adapter a request runs with: workers load it from `path` on first use."""
+
+    name: str
+    int_id: int  # unique per (name, path); keys the workers' caches and the prefix-cache hash
+    path: str  # PEFT directory: adapter_config.json + adapter_model.safetensors
+
+
 class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True, gc=False):
     request_id: str
     prompt_token_ids: list[int]
@@ -28,6 +36,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True,
     arrival_time: float = 0.0
     priority: int = 0  # lower runs first under the "priority" policy
     cache_salt: str | None = None
+    lora: LoRARef | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True, gc=False):
@@ -40,9 +49,10 @@ class Control(msgspec.Struct, tag="control", array_like=True, omit_defaults=True
     call_id: int
     op: str  # one of CONTROL_OPS
     client_index: int = 0
+    lora: LoRARef | None = None  # the adapter of "remove_lora"
 
 
-CONTROL_OPS = ("reset_prefix_cache", "get_stats", "ping", "shutdown")
+CONTROL_OPS = ("reset_prefix_cache", "get_stats", "ping", "shutdown", "remove_lora")
 
 CoreInput = AddRequest | Abort | Control
 
@@ -123,6 +133,7 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     num_computed_tokens: int
     # Tokens already generated: non-empty only when resuming after preemption by recompute.
     output_token_ids: list[int] = []
+    lora: LoRARef | None = None
 
 
 class CachedReqs(msgspec.Struct, array_like=True, gc=False):
@@ -144,6 +155,8 @@ class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
     num_scheduled_tokens: dict[str, int]
     # Requests to forget before this step runs: finished, aborted or preempted.
     finished: list[str] = []
+    # LoRA adapters (int ids) unloaded since the last step: workers drop them from their caches.
+    removed_loras: list[int] = []
 
 
 class InitKVCache(msgspec.Struct, tag="init_kv", array_like=True):

@@ -52,7 +52,7 @@ class Request:
         "request_id", "client_index", "prompt_token_ids", "output_token_ids", "all_token_ids",
         "sampling", "priority", "arrival_time", "cache_salt", "status", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "num_prompt_logprobs_sent",
-        "num_output_placeholders",
+        "num_output_placeholders", "lora",
     )
 
     def __init__(self, add: AddRequest) -> None:
@@ -66,6 +66,7 @@ class Request:
         self.priority = add.priority
         self.arrival_time = add.arrival_time
         self.cache_salt = add.cache_salt
+        self.lora = add.lora  # LoRARef or None (the base model)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         # Tokens sampled by steps in flight whose ids update() has not seen yet.
@@ -106,10 +107,14 @@ class Request:
         """Keys mixed into block `block_index`'s prefix-cache hash besides its tokens."""
         # The salt enters block 0 only: hashes are chained, so it reaches every later block, and
         # two different salts never share a single block. LoRA ids and multimodal content hashes
-        # (for blocks overlapping an item) belong here too.
-        if block_index == 0 and self.cache_salt is not None:
-            return (self.cache_salt,)
-        return ()
+        # (for blocks overlapping an item) belong here too: the LoRA id, like the salt, enters
+        # block 0, so no block is shared between two adapters or an adapter and the base model.
+        if block_index != 0:
+            return ()
+        keys: tuple[str | int, ...] = () if self.cache_salt is None else (self.cache_salt,)
+        if self.lora is not None:
+            keys += ("lora", self.lora.int_id)
+        return keys
 
     def check_stop(self, eos_token_ids: frozenset[int] | set[int],
                    max_model_len: int) -> tuple[str, int | None] | None:

@@ -111,6 +111,8 @@ class Scheduler:
         self._in_flight: dict[int, _Scheduled] = {}  # step_id -> who it computes, oldest first
         self._step_id = 0
         self._num_preemptions = 0
+        self.max_loras = config.lora.max_loras
+        self._removed_loras: list[int] = []  # for the next step's `removed_loras`
 
     # ------------------------------------------------------------ requests in and out
 
@@ -251,8 +253,14 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         max_num_seqs = self.sched_config.max_num_seqs
-        while self.waiting and plan.budget > 0 and len(self.running) < max_num_seqs:
-            request = self.waiting[0]  # waiting requests hold no blocks and 0 computed tokens
+        loras = self._running_loras()
+        i = 0  # requests before i wait for a LoRA slot; they keep their place in the queue
+        while i < len(self.waiting) and plan.budget > 0 and len(self.running) < max_num_seqs:
+            request = self.waiting[i]  # waiting requests hold no blocks and 0 computed tokens
+            if loras is not None and request.lora is not None and \
+                    request.lora.int_id not in loras and len(loras) >= self.max_loras:
+                i += 1  # would exceed max_loras adapters in one batch: skip it for now
+                continue
             if request.request_id in plan.preempted:
                 # Re-admitting it in the step that evicted it would only churn: workers forget
                 # and re-add it, and it recomputes what it just dropped.
@@ -266,11 +274,24 @@ class Scheduler:
             block_ids = self.kv.allocate_slots(request, num_new, computed_blocks=hit_blocks)
             if block_ids is None:
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
+            if loras is not None and request.lora is not None:
+                loras.add(request.lora.int_id)
             request.start_running(num_hit)
             self.running.append(request)
             plan.add(request.request_id, num_new, block_ids)
             plan.admitted.add(request.request_id)
+
+    def _running_loras(self) -> set[int] | None:
+        """Adapter ids of the running requests (None without LoRA): every step computes a
+        subset of `running`, so keeping these <= max_loras caps each step's adapters."""
+        if not self.config.lora.enable_lora:
+            return None
+        return {r.lora.int_id for r in self.running if r.lora is not None}
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Tell the workers (with the next step) to drop an unloaded adapter from their caches."""
+        self._removed_loras.append(lora_int_id)
 
     def _build_step(self, plan: _StepPlan) -> ExecuteStep:
         new: list[NewReq] = []
@@ -287,7 +308,7 @@ class Scheduler:
                     req_id, request.prompt_token_ids, request.sampling,
                     block_ids=self.kv.block_ids(req_id),
                     num_computed_tokens=request.num_computed_tokens,
-                    output_token_ids=list(request.output_token_ids)))
+                    output_token_ids=list(request.output_token_ids), lora=request.lora))
             else:
                 cached.req_ids.append(req_id)
                 cached.new_block_ids.append(plan.new_block_ids[req_id])
@@ -298,8 +319,9 @@ class Scheduler:
                 request.num_output_placeholders += 1  # the workers sample one token here
         self._step_id += 1
         self._in_flight[self._step_id] = scheduled
-        step = ExecuteStep(self._step_id, new, cached, num_scheduled, finished=self._finished_ids)
-        self._finished_ids = []
+        step = ExecuteStep(self._step_id, new, cached, num_scheduled, finished=self._finished_ids,
+                           removed_loras=self._removed_loras)
+        self._finished_ids, self._removed_loras = [], []
         return step
 
     # ------------------------------------------------------------ update
