@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from enginecore.config import EngineConfig
-from enginecore.protocol import ExecuteStep, NewReq, StepResult, TokenLogprobs
+from enginecore.protocol import ExecuteStep, LoRARef, NewReq, StepResult, TokenLogprobs
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from sampling.structured import GrammarCompiler, RequestGrammar
@@ -26,6 +26,7 @@ from workers.attention import AttnMetadata, set_forward_context
 from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
+from workers.lora import LoRAManager
 from workers.models import load_model
 
 _MASK63 = (1 << 63) - 1
@@ -41,6 +42,7 @@ class CachedRequestState:
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     grammar: RequestGrammar | None = None  # structured outputs: this request's matcher
+    lora: LoRARef | None = None  # the request's LoRA adapter (None: the base model)
 
     @property
     def num_tokens(self) -> int:
@@ -93,6 +95,10 @@ class ModelRunner:
         self.buffers = InputBuffers(max(sched.max_num_batched_tokens, sched.max_num_seqs),
                                     sched.max_num_seqs, self.max_blocks_per_req, device)
         self.graphs: CudaGraphs | None = None
+        # Wraps the model's projections; before CUDA-graph capture, so graphs contain the LoRA
+        # kernels.
+        self.lora = LoRAManager(config, self.model, device, dtype, self.buffers.input_ids.shape[0]
+                                ) if config.lora.enable_lora else None
 
     # ------------------------------------------------------------ KV cache
 
@@ -149,6 +155,9 @@ class ModelRunner:
         return result
 
     def _update_states(self, step: ExecuteStep) -> None:
+        for lora_id in step.removed_loras:
+            if self.lora is not None:
+                self.lora.remove(lora_id)
         for req_id in step.finished:
             state = self.requests.pop(req_id, None)
             if state is not None:
@@ -174,7 +183,8 @@ class ModelRunner:
             req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
             sampling=new.sampling, num_computed_tokens=new.num_computed_tokens,
             row=self.block_table.add_row(new.block_ids),
-            output_token_ids=list(new.output_token_ids), generator=generator, grammar=grammar)
+            output_token_ids=list(new.output_token_ids), generator=generator, grammar=grammar,
+            lora=new.lora)
 
     def _prepare_inputs(self, step: ExecuteStep) -> StepInputs:
         """Stage the step's flat inputs in the host buffers (copied to the device later).
@@ -207,6 +217,8 @@ class ModelRunner:
         max_seq_len = int(end.max())
         num_cols = -(-max_seq_len // self.block_size)
         buf.block_tables[:num_reqs, :num_cols] = bt.table[rows, :num_cols]
+        if self.lora is not None:
+            self.lora.prepare([s.lora for s in reqs], n)
 
         sample_rows: list[int] = []
         sample_reqs: list[CachedRequestState] = []
