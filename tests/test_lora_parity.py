@@ -10,11 +10,14 @@ attention, like the runner) and through the whole engine (`LLM.generate(lora_req
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 from test_model_parity import PagedBatcher, prompt
 from transformers import AutoModelForCausalLM
 
@@ -22,6 +25,8 @@ from enginecore.config import EngineConfig
 from enginecore.protocol import LoRARef
 from frontend import LLM, SamplingParams
 from frontend.lora import LoRARequest
+from frontend.processor import Processor
+from frontend.tokenizer import Tokenizer
 from workers.lora import LoRAManager
 from workers.models import load_model
 
@@ -120,11 +125,10 @@ def test_engine_mixed_adapters_match_peft(tiny_models, lora_adapters, peft_model
     the same prompts under another adapter must not reuse the first round's prefix-cache KV."""
     max_new = 6
     shared = prompt(40, seed=11)  # > 2 blocks of 16: a prefix-cache hit would be possible
-    prompts = [shared, prompt(7, seed=12)] * 4
+    prompts = [shared, shared, prompt(7, seed=12), shared]
     lora = {r.name: LoRARequest(r.name, r.int_id, r.path) for r in refs(lora_adapters).values()}
-    rounds = [[None, None, lora["sql"], lora["sql"], lora["chat"], lora["chat"], lora["math"],
-               lora["math"]]]
-    rounds.append(rounds[0][2:] + rounds[0][:2])
+    rounds = [[None, lora["sql"], lora["chat"], lora["math"]]]
+    rounds.append(rounds[0][1:] + rounds[0][:1])
     with LLM(tiny_models["llama"], enable_lora=True, max_loras=2, max_lora_rank=8,
              max_cpu_loras=2, max_num_seqs=8) as llm:
         for assignment in rounds:
@@ -140,21 +144,39 @@ def test_engine_mixed_adapters_match_peft(tiny_models, lora_adapters, peft_model
                                                             strict=True)]
                 np.testing.assert_allclose(got_lps, want_lps, atol=ATOL)
         assert llm.get_stats().prefix_cache_hits > 0  # round 2 did hit: same adapter, same prompt
+        with pytest.raises(ValueError, match="not found"):  # refused; the engine keeps serving
+            llm.generate([[5, 6]], lora_request=LoRARequest("x", 9, "/nonexistent"),
+                         use_tqdm=False)
+        assert llm.generate([[5, 6]], SamplingParams(max_tokens=2), lora_request=lora["chat"],
+                            use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_bad_lora_requests_are_rejected(tiny_models, lora_adapters, tmp_path) -> None:
-    """Rank above max_lora_rank, missing files, LoRA off: ValueError naming the problem; the engine
-    keeps serving."""
-    with LLM(tiny_models["llama"], enable_lora=True, max_lora_rank=4) as llm:
-        with pytest.raises(ValueError, match="LoRA rank exceeds maximum"):
-            llm.generate([[5, 6, 7]], lora_request=LoRARequest("sql", 1, lora_adapters["sql"]),
-                         use_tqdm=False)
-        with pytest.raises(ValueError, match="not found"):
-            llm.generate([[5, 6, 7]], lora_request=LoRARequest("x", 2, str(tmp_path / "none")),
-                         use_tqdm=False)
-        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False,
-                           lora_request=LoRARequest("chat", 3, lora_adapters["chat"]))
-        assert len(out[0].outputs[0].token_ids) == 2
-    with LLM(tiny_models["llama"]) as llm, pytest.raises(ValueError, match="not enabled"):
-        llm.generate([[5, 6, 7]], lora_request=LoRARequest("chat", 3, lora_adapters["chat"]),
-                     use_tqdm=False)
+    """Rank above max_lora_rank, missing files, unsupported settings or modules, LoRA off:
+    ValueError naming the problem, raised in the API process before anything reaches a worker."""
+    def processor(**kw) -> Processor:
+        cfg = EngineConfig.create(tiny_models["llama"], **kw)
+        return Processor(cfg, Tokenizer.from_pretrained(tiny_models["llama"]))
+
+    on = processor(enable_lora=True, max_lora_rank=4)
+    sql, chat = refs(lora_adapters)["sql"], refs(lora_adapters)["chat"]
+    params = SamplingParams()
+    with pytest.raises(ValueError, match="LoRA rank exceeds maximum"):
+        on.make_request("r", [5, 6], params, lora=sql)
+    with pytest.raises(ValueError, match="not found"):
+        on.make_request("r", [5, 6], params, lora=LoRARef("x", 9, str(tmp_path / "none")))
+    dora = tmp_path / "dora"
+    shutil.copytree(lora_adapters["chat"], dora)
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        on.make_request("r", [5, 6], params, lora=LoRARef("d", 9, str(dora)))
+    head = tmp_path / "head"
+    shutil.copytree(lora_adapters["chat"], head)
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64)},
+              str(head / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="unsupported target module"):
+        on.make_request("r", [5, 6], params, lora=LoRARef("h", 9, str(head)))
+    assert on.make_request("r", [5, 6], params, lora=chat).lora == chat
+    with pytest.raises(ValueError, match="not enabled"):
+        processor().make_request("r", [5, 6], params, lora=chat)
