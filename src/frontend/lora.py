@@ -23,8 +23,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import msgspec
+
 from enginecore.config import EngineConfig, Env, inspect_lora_adapter
 from enginecore.protocol import LoRARef
+
+
+class LoadLoRAAdapterRequest(msgspec.Struct, kw_only=True):
+    """Body of POST /v1/load_lora_adapter."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(msgspec.Struct, kw_only=True):
+    """Body of POST /v1/unload_lora_adapter."""
+
+    lora_name: str
+    lora_int_id: int | None = None
 
 
 @dataclass(frozen=True)
