@@ -31,6 +31,7 @@ from workers.lora import LoRAManager
 from workers.models import load_model
 
 ATOL = 2e-4
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 NAMES = ("sql", "chat", "math")
 
 
@@ -119,18 +120,22 @@ def peft_greedy(model: torch.nn.Module, tokens: list[int], max_new: int
     return seq[len(tokens):], lps
 
 
-def test_engine_mixed_adapters_match_peft(tiny_models, lora_adapters, peft_models) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_mixed_adapters_match_peft(tiny_models, lora_adapters, peft_models,
+                                          device: str) -> None:
     """The whole engine: base + 3 adapters in one generate call with max_loras=2 (the scheduler
     holds back a third adapter), CPU cache of 2 (reloads). Run twice with the adapters permuted:
-    the same prompts under another adapter must not reuse the first round's prefix-cache KV."""
+    the same prompts under another adapter must not reuse the first round's prefix-cache KV.
+    On CUDA (fp32): the Triton kernels, inside CUDA graphs for the decode steps."""
     max_new = 6
     shared = prompt(40, seed=11)  # > 2 blocks of 16: a prefix-cache hit would be possible
     prompts = [shared, shared, prompt(7, seed=12), shared]
     lora = {r.name: LoRARequest(r.name, r.int_id, r.path) for r in refs(lora_adapters).values()}
     rounds = [[None, lora["sql"], lora["chat"], lora["math"]]]
     rounds.append(rounds[0][1:] + rounds[0][:1])
+    atol = ATOL if device == "cpu" else 2e-3
     with LLM(tiny_models["llama"], enable_lora=True, max_loras=2, max_lora_rank=8,
-             max_cpu_loras=2, max_num_seqs=8) as llm:
+             max_cpu_loras=2, max_num_seqs=8, device=device, dtype="float32") as llm:
         for assignment in rounds:
             outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new,
                                                         logprobs=0, ignore_eos=True),
@@ -142,7 +147,7 @@ def test_engine_mixed_adapters_match_peft(tiny_models, lora_adapters, peft_model
                 assert got.token_ids == want_ids, name
                 got_lps = [pos[t].logprob for pos, t in zip(got.logprobs, got.token_ids,
                                                             strict=True)]
-                np.testing.assert_allclose(got_lps, want_lps, atol=ATOL)
+                np.testing.assert_allclose(got_lps, want_lps, atol=atol)
         assert llm.get_stats().prefix_cache_hits > 0  # round 2 did hit: same adapter, same prompt
         with pytest.raises(ValueError, match="not found"):  # refused; the engine keeps serving
             llm.generate([[5, 6]], lora_request=LoRARequest("x", 9, "/nonexistent"),

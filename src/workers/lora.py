@@ -70,6 +70,8 @@ class LoRAManager:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device,
                  dtype: torch.dtype, max_tokens: int) -> None:
         lora = config.lora
+        if config.parallel.tensor_parallel_size != 1:
+            raise NotImplementedError("LoRA with tensor_parallel_size > 1 is not supported yet")
         self.model_dir = config.model.model
         self.device, self.dtype = device, dtype
         self.num_slots, self.max_rank = lora.max_loras, lora.max_lora_rank
@@ -87,7 +89,8 @@ class LoRAManager:
         self.batch = LoRABatch(token_slots=slots_dev, sorted_token_ids=ids_dev, seg_start=seg_dev,
                                active=device.type == "cuda")
         shapes = lora_module_shapes(read_hf_config(self.model_dir))
-        self.layers = wrap_lora_layers(model, shapes, self.num_slots, self.max_rank, self.batch)
+        self.layers = wrap_lora_layers(model, shapes, self.num_slots, self.max_rank, self.batch,
+                                       dtype)
         self.cpu_cache: collections.OrderedDict[int, LoRAAdapter] = collections.OrderedDict()
         self.slot_of: collections.OrderedDict[int, int] = collections.OrderedDict()  # LRU first
         self.slot_refs: list[LoRARef | None] = [None] * self.num_slots

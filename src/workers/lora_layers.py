@@ -43,11 +43,12 @@ class LoRALinear(nn.Module):
     """`base` plus per-slot LoRA deltas on its output slices (`slice_sizes` sum to its width)."""
 
     def __init__(self, base: nn.Module, in_features: int, slice_sizes: list[int],
-                 num_slots: int, max_rank: int, batch: LoRABatch) -> None:
+                 num_slots: int, max_rank: int, batch: LoRABatch,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         weight = next(base.parameters())
-        like = {"dtype": weight.dtype if weight.is_floating_point() else torch.get_default_dtype(),
-                "device": weight.device}
+        # The activation dtype (a quantized base layer's weight dtype is not it).
+        like = {"dtype": dtype or weight.dtype, "device": weight.device}
         self.base = base
         self.slice_sizes = slice_sizes
         self.max_rank = max_rank
@@ -106,7 +107,8 @@ LORA_PACKED_TARGETS: dict[str, tuple[str, ...]] = {
 
 
 def wrap_lora_layers(model: nn.Module, shapes: dict[str, tuple[int, int]], num_slots: int,
-                     max_rank: int, batch: LoRABatch) -> list[dict[str, LoRALinear]]:
+                     max_rank: int, batch: LoRABatch, dtype: torch.dtype
+                     ) -> list[dict[str, LoRALinear]]:
     """Replace the target modules of every decoder layer; returns, per layer, target -> wrapper.
 
     `shapes`: PEFT module name -> (in_features, out_features) (`lora_module_shapes`).
@@ -123,7 +125,8 @@ def wrap_lora_layers(model: nn.Module, shapes: dict[str, tuple[int, int]], num_s
             parent_name, attr = target.split(".")
             parent = getattr(layer, parent_name)
             wrapper = LoRALinear(getattr(parent, attr), shapes[names[0]][0],
-                                 [shapes[n][1] for n in names], num_slots, max_rank, batch)
+                                 [shapes[n][1] for n in names], num_slots, max_rank, batch,
+                                 dtype)
             setattr(parent, attr, wrapper)
             per_layer[target] = wrapper
         wrapped.append(per_layer)

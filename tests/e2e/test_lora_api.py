@@ -34,7 +34,7 @@ def server(server_factory, tiny_models, lora_adapters, resolver_dir):
     chat = json.dumps({"name": "chat", "path": lora_adapters["chat"], "base_model_name": MODEL})
     return server_factory(
         [tiny_models["llama"], *TINY_ENGINE_FLAGS, "--served-model-name", MODEL,
-         "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
+         "--dtype", "float32", "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
          "--lora-modules", f"sql={lora_adapters['sql']}", chat],
         env=child_env(TLS_ALLOW_RUNTIME_LORA_UPDATING="1",
                       TLS_LORA_RESOLVER_CACHE_DIR=resolver_dir))
