@@ -5,7 +5,11 @@ stacked per-slot tensors, padded to the largest rank R, so one kernel launch ser
 of the batch, whatever its size:
 
     shrink:  t[tok, :]        = x[tok, :] @ A[slot(tok)]^T          (fp32 [T, R], zero elsewhere)
-    expand:  y[tok, off:off+N] += scale * t[tok, :] @ B[slot(tok)]^T  (in place, a column slice)
+    expand:  y[tok, :] += scale * t_l[tok, :] @ B_l[slot(tok)]^T        (in place, per slice l)
+
+A packed layer (q|k|v, gate|up) has one A stack over all its slices (they read the same x: one
+shrink gives t = [t_q | t_k | t_v]) and its slices' B matrices stacked on the output dim; one
+expand launch writes every slice, each output tile reading its own slice's columns of t.
 
 Tokens are grouped by slot, Punica's segmented (SGMV) layout: `sorted_token_ids` lists the tokens
 of slot 0, then slot 1, ...; slot s owns sorted_token_ids[seg_start[s] : seg_start[s + 1]]. Tokens
@@ -68,23 +72,32 @@ def lora_shrink_ref(x: torch.Tensor, weights: torch.Tensor,
 
 
 def lora_expand_ref(out: torch.Tensor, t: torch.Tensor, weights: torch.Tensor,
-                    token_slots: torch.Tensor, scale: float = 1.0) -> None:
-    """out [T, N] += scale * t [T, R] @ weights[slot]^T for each token with a slot, in place.
+                    token_slots: torch.Tensor, slice_sizes: list[int] | None = None,
+                    scale: float = 1.0) -> None:
+    """out [T, N] += scale * t_l @ weights[slot, rows of slice l]^T per slice l, in place.
 
-    weights [S, N, R]; `out` may be a column slice of a wider (packed) output.
+    weights [S, N, R]: the slices' B matrices stacked on N (`slice_sizes`, default one slice);
+    t [T, L*R]: slice l reads columns l*R:(l+1)*R. Tokens with slot -1 are left alone.
     """
+    sizes = slice_sizes or [weights.shape[1]]
+    rank = weights.shape[2]
     for slot in torch.unique(token_slots).tolist():
-        if slot >= 0:
-            rows = token_slots == slot
-            delta = t[rows].to(weights.dtype) @ weights[slot].T
-            out[rows] += (delta * scale).to(out.dtype)
+        if slot < 0:
+            continue
+        rows = token_slots == slot
+        offset = 0
+        for i, n in enumerate(sizes):
+            part = t[rows, i * rank:(i + 1) * rank].to(weights.dtype)
+            delta = part @ weights[slot, offset:offset + n].T
+            out[rows, offset:offset + n] += (delta * scale).to(out.dtype)
+            offset += n
 
 
 # ---------------------------------------------------------------- kernel
 
 
 @triton.jit
-def _sgmv_kernel(x_ptr, w_ptr, out_ptr, token_ids_ptr, seg_start_ptr, N,
+def _sgmv_kernel(x_ptr, w_ptr, out_ptr, token_ids_ptr, seg_start_ptr, N, slice1, slice2,
                  stride_xt, stride_xk, stride_ws, stride_wn, stride_wk, stride_ot, stride_on,
                  scale, num_m_tiles, K: tl.constexpr,
                  ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
@@ -100,15 +113,19 @@ def _sgmv_kernel(x_ptr, w_ptr, out_ptr, token_ids_ptr, seg_start_ptr, N,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seg_hi
     tok = tl.load(token_ids_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    # Expand of a packed layer: output columns [slice1, slice2) are slice 1, [slice2, N) slice
+    # 2; slice l reads x columns l*K.. (a tile never straddles a slice boundary).
+    x_base = x_ptr + ((n0 >= slice1).to(tl.int64) + (n0 >= slice2).to(tl.int64)) * K * stride_xk
     w_base = w_ptr + slot.to(tl.int64) * stride_ws
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # This program's share of the reduction: chunks pid_k, pid_k + SPLIT_K, ...
     for k0 in range(0, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+        a = tl.load(x_base + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
@@ -130,19 +147,26 @@ def _sgmv_kernel(x_ptr, w_ptr, out_ptr, token_ids_ptr, seg_start_ptr, N,
 
 def _launch(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
             sorted_token_ids: torch.Tensor, seg_start: torch.Tensor, scale: float,
-            accumulate: bool, config: tuple[int, int, int, int, int]) -> None:
-    num_tokens, k = x.shape
-    num_slots, n, _ = weights.shape
+            accumulate: bool, config: tuple[int, int, int, int, int],
+            slice_sizes: list[int] | None = None) -> None:
+    num_tokens = x.shape[0]
+    num_slots, n, k = weights.shape
     if num_tokens == 0 or n == 0:
         return
     block_m, block_n, block_k, split_k, num_warps = config
     block_n = max(_MIN_DOT, min(block_n, triton.next_power_of_2(n)))
+    sizes = slice_sizes or [n]
+    assert 1 <= len(sizes) <= 3 and sum(sizes) == n, (sizes, n)
+    bounds = [sum(sizes[:i]) for i in (1, 2)]  # slice starts (n when there is no such slice)
+    while any(b % block_n for b in bounds if b < n):  # tiles must not straddle two slices
+        block_n //= 2
+    assert block_n >= _MIN_DOT, f"slice sizes {sizes} must be multiples of {_MIN_DOT}"
     block_k = max(_MIN_DOT, min(block_k, triton.next_power_of_2(k)))
     split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
     num_m_tiles = triton.cdiv(num_tokens, block_m)
     grid = (num_m_tiles * split_k, triton.cdiv(n, block_n), num_slots)
     _sgmv_kernel[grid](
-        x, weights, out, sorted_token_ids, seg_start, n,
+        x, weights, out, sorted_token_ids, seg_start, n, min(bounds[0], n), min(bounds[1], n),
         x.stride(0), x.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
         out.stride(0), out.stride(1), scale, num_m_tiles, K=k,
         ACCUMULATE=accumulate, SPLIT_K=split_k, IEEE=weights.dtype == torch.float32,
@@ -150,9 +174,9 @@ def _launch(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
 
 
 def _check(x: torch.Tensor, weights: torch.Tensor, sorted_token_ids: torch.Tensor,
-           seg_start: torch.Tensor) -> None:
+           seg_start: torch.Tensor, num_slices: int = 1) -> None:
     assert x.dim() == 2 and weights.dim() == 3, (x.shape, weights.shape)
-    assert x.shape[1] == weights.shape[2], (x.shape, weights.shape)
+    assert x.shape[1] == weights.shape[2] * num_slices, (x.shape, weights.shape, num_slices)
     assert weights.dtype in _FLOAT_DTYPES and x.dtype in _FLOAT_DTYPES, (x.dtype, weights.dtype)
     assert sorted_token_ids.dtype == torch.int32 and seg_start.dtype == torch.int32
     assert sorted_token_ids.shape[0] >= x.shape[0], (sorted_token_ids.shape, x.shape)
@@ -171,10 +195,15 @@ def lora_shrink(x: torch.Tensor, weights: torch.Tensor, sorted_token_ids: torch.
 
 def lora_expand(out: torch.Tensor, t: torch.Tensor, weights: torch.Tensor,
                 sorted_token_ids: torch.Tensor, seg_start: torch.Tensor,
-                scale: float = 1.0) -> None:
-    """Triton `lora_expand_ref` over segments: out [T, N] (a column slice may be given) +=
-    scale * t [T, R] @ weights[slot]^T, weights [S, N, R]."""
-    _check(t, weights, sorted_token_ids, seg_start)
+                slice_sizes: list[int] | None = None, scale: float = 1.0) -> None:
+    """Triton `lora_expand_ref` over segments, every slice in one launch: out [T, N] +=
+    scale * t [T, L*R] (slice l: columns l*R..) @ weights[slot]^T per slice, weights [S, N, R].
+
+    `out` may itself be a column slice of a wider tensor. Slice sizes must be multiples of 16.
+    """
+    num_slices = len(slice_sizes) if slice_sizes else 1
+    _check(t, weights, sorted_token_ids, seg_start, num_slices)
     assert out.dim() == 2 and out.shape == (t.shape[0], weights.shape[1]), (out.shape, t.shape)
     assert out.dtype in _FLOAT_DTYPES and out.device == t.device
-    _launch(t, weights, out, sorted_token_ids, seg_start, scale, True, EXPAND_CONFIG)
+    _launch(t, weights, out, sorted_token_ids, seg_start, scale, True, EXPAND_CONFIG,
+            slice_sizes)

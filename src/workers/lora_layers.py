@@ -8,7 +8,8 @@ per token, the delta of that token's adapter slot:
     y = base(x);  t = x @ A[slot]^T (all slices at once);  y[:, slice l] += t_l @ B_l[slot]^T
 
 A packed layer holds one A stack for all its slices ([S, L*R, in]: q, k, v share x) and one B
-stack per slice (they write different column ranges of y). Slot weights are zero past an
+stack with the slices' B matrices on the output dim ([S, sum N_l, R]); one shrink and one expand
+launch per layer, whatever the number of slices or adapters. Slot weights are zero past an
 adapter's rank, and zero for an empty slot. The scaling (alpha / r) is folded into B.
 
 Per-step token -> slot data comes from the shared `LoRABatch` (persistent buffers, CUDA-graph
@@ -56,44 +57,36 @@ class LoRALinear(nn.Module):
         L, S, R = len(slice_sizes), num_slots, max_rank  # noqa: N806
         # Plain tensors, not buffers: not part of the model's state, written only by set_slot.
         self.lora_a = torch.zeros(S, L * R, in_features, **like)
-        self.lora_b_stacks = [torch.zeros(S, n, R, **like) for n in slice_sizes]
+        self.lora_b = torch.zeros(S, sum(slice_sizes), R, **like)
 
     def set_slot(self, slot: int, weights: list[tuple[torch.Tensor, torch.Tensor] | None]
                  ) -> None:
         """Write one adapter's (A [r, in], scaled B [n, r]) per slice into `slot`; None: zero."""
         R = self.max_rank  # noqa: N806
         self.lora_a[slot].zero_()
-        for i, (ab, b_stack) in enumerate(zip(weights, self.lora_b_stacks, strict=True)):
-            b_stack[slot].zero_()
-            if ab is None:
-                continue
-            a, b = ab
-            r = a.shape[0]
-            self.lora_a[slot, i * R: i * R + r].copy_(a, non_blocking=True)
-            b_stack[slot, :, :r].copy_(b, non_blocking=True)
+        self.lora_b[slot].zero_()
+        offset = 0
+        for i, (ab, n) in enumerate(zip(weights, self.slice_sizes, strict=True)):
+            if ab is not None:
+                a, b = ab
+                r = a.shape[0]
+                self.lora_a[slot, i * R: i * R + r].copy_(a, non_blocking=True)
+                self.lora_b[slot, offset: offset + n, :r].copy_(b, non_blocking=True)
+            offset += n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self.batch
         if not batch.active:
             return y
-        num_tokens, R = x.shape[0], self.max_rank  # noqa: N806
-        offset = 0
         if x.is_cuda:
             ids, seg = batch.sorted_token_ids, batch.seg_start
             t = lora_shrink(x, self.lora_a, ids, seg)  # fp32 [T, L*R]
-            for i, b_stack in enumerate(self.lora_b_stacks):
-                n = b_stack.shape[1]
-                lora_expand(y[:, offset: offset + n], t[:, i * R: (i + 1) * R], b_stack, ids,
-                            seg)
-                offset += n
+            lora_expand(y, t, self.lora_b, ids, seg, self.slice_sizes)
             return y
-        slots = batch.token_slots[:num_tokens]
+        slots = batch.token_slots[: x.shape[0]]
         t = lora_shrink_ref(x, self.lora_a, slots)
-        for i, b_stack in enumerate(self.lora_b_stacks):
-            n = b_stack.shape[1]
-            lora_expand_ref(y[:, offset: offset + n], t[:, i * R: (i + 1) * R], b_stack, slots)
-            offset += n
+        lora_expand_ref(y, t, self.lora_b, slots, self.slice_sizes)
         return y
 
 

@@ -70,7 +70,7 @@ def test_shrink_matches_ref(device: str, dtype: torch.dtype, num_tokens: int) ->
 
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("num_tokens", [1, 6, 40])
-def test_expand_into_packed_slice(device: str, dtype: torch.dtype, num_tokens: int) -> None:
+def test_expand_into_column_slice(device: str, dtype: torch.dtype, num_tokens: int) -> None:
     num_slots, r, n, width, offset = 4, 16, 72, 150, 40
     t = randn(num_tokens, 2 * r, dtype=torch.float32, device=device, seed=4)[:, r:]  # strided
     b = stacked(num_slots, n, r, [2, 16, 8, 4], rank_dim=2, dtype=dtype, device=device, seed=5)
@@ -86,6 +86,31 @@ def test_expand_into_packed_slice(device: str, dtype: torch.dtype, num_tokens: i
     assert torch.equal(y[:, :offset], before[:, :offset])
     assert torch.equal(y[:, offset + n:], before[:, offset + n:])
     assert torch.equal(y[token_slots < 0], before[token_slots < 0])
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("sizes", [[64, 32, 32], [48, 48], [16, 96, 16]])
+def test_expand_packed_slices_one_launch(device: str, dtype: torch.dtype,
+                                         sizes: list[int]) -> None:
+    """q|k|v (or gate|up): slice l of the output reads columns l*R.. of t, in one launch."""
+    num_slots, r, num_tokens = 3, 16, 21
+    t = randn(num_tokens, len(sizes) * r, dtype=torch.float32, device=device, seed=20)
+    b = stacked(num_slots, sum(sizes), r, [16, 4, 8], rank_dim=2, dtype=dtype, device=device,
+                seed=21)
+    y = randn(num_tokens, sum(sizes), dtype=dtype, device=device, seed=22)
+    token_slots = slots_of(num_tokens, num_slots, seed=23, device=device)
+    ids, seg = lora_segments(token_slots, num_slots)
+    want = y.clone()
+    offset = 0
+    for i, n in enumerate(sizes):  # slice by slice, written out: the reference's contract
+        lora_expand_ref(want[:, offset:offset + n], t[:, i * r:(i + 1) * r],
+                        b[:, offset:offset + n], token_slots)
+        offset += n
+    lora_expand(y, t, b, ids, seg, sizes)
+    torch.testing.assert_close(y, want, atol=TOL[dtype], rtol=TOL[dtype])
+    got_ref = randn(num_tokens, sum(sizes), dtype=dtype, device=device, seed=22)
+    lora_expand_ref(got_ref, t, b, token_slots, sizes)
+    torch.testing.assert_close(got_ref, want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("device,dtype", CASES[:1])
@@ -143,9 +168,5 @@ def test_lora_linear_cuda_graph_replays_any_adapter_mix(dtype: torch.dtype) -> N
             graph.replay()
             want = base(x)
             t = lora_shrink_ref(x, layer.lora_a, slots)
-            offset = 0
-            for i, b in enumerate(layer.lora_b_stacks):
-                lora_expand_ref(want[:, offset: offset + b.shape[1]],
-                                t[:, i * rank:(i + 1) * rank], b, slots)
-                offset += b.shape[1]
+            lora_expand_ref(want, t, layer.lora_b, slots, sizes)
             torch.testing.assert_close(out, want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
