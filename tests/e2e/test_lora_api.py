@@ -83,6 +83,14 @@ def test_adapters_match_peft(server, tiny_models, lora_adapters):
         assert text(body) == peft_text(tiny_models["llama"], adapter, 6), name
 
 
+def test_chat_with_adapter(server):
+    status, body = http("POST", server.url + "/v1/chat/completions",
+                        {"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                         "max_tokens": 4, "temperature": 0.0})
+    assert status == 200 and body["model"] == "chat", body
+    assert body["usage"]["completion_tokens"] >= 1
+
+
 def test_unknown_model_is_404(server):
     status, body = complete(server, "nope")
     assert status == 404 and "nope" in body["error"]["message"]
