@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import numpy as np
@@ -73,15 +74,20 @@ def run_batches(manager: LoRAManager, batcher: PagedBatcher,
     return {seq: torch.cat(r) for seq, r in rows.items()}
 
 
-@pytest.mark.parametrize("max_loras", [3, 1])
+@pytest.mark.parametrize("max_loras,kernels", [(3, False), (1, False), (3, True)],
+                         ids=["mixed", "evicting", "mixed-triton-interpreter"])
 def test_mixed_batch_logits_match_peft(tiny_models, lora_adapters, peft_models,
-                                       max_loras: int) -> None:
+                                       max_loras: int, kernels: bool) -> None:
     """Prefill chunks then decode, base + 3 adapters per step (max_loras 3), or one adapter per
-    step with slot eviction and reloads (max_loras 1, CPU cache of 1)."""
+    step with slot eviction and reloads (max_loras 1, CPU cache of 1). `kernels`: the Triton
+    shrink/expand (in the interpreter on CPU) instead of the torch references."""
     cfg = EngineConfig.create(tiny_models["llama"], enable_lora=True, max_loras=max_loras,
                               max_lora_rank=8)
     model = load_model(tiny_models["llama"], torch.float32)
     manager = LoRAManager(cfg, model, torch.device("cpu"), torch.float32, 256)
+    manager.batch.kernels = kernels and os.environ.get("TRITON_INTERPRET") == "1"
+    if kernels and not manager.batch.kernels:
+        pytest.skip("the Triton path on CPU needs TRITON_INTERPRET=1")
     batcher = PagedBatcher(model)
     lora = refs(lora_adapters)
     seqs = {name: prompt(9 + 3 * i, seed=i) for i, name in enumerate(("base",) + NAMES)}

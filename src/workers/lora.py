@@ -86,8 +86,9 @@ class LoRAManager:
         self._ids_np, self._ids_host, ids_dev = pair(max_tokens)
         self._seg_np, self._seg_host, seg_dev = pair(self.num_slots + 1)
         seg_dev.zero_()
+        cuda = device.type == "cuda"
         self.batch = LoRABatch(token_slots=slots_dev, sorted_token_ids=ids_dev, seg_start=seg_dev,
-                               active=device.type == "cuda")
+                               active=cuda, kernels=cuda)
         shapes = lora_module_shapes(read_hf_config(self.model_dir))
         self.layers = wrap_lora_layers(model, shapes, self.num_slots, self.max_rank, self.batch,
                                        dtype)

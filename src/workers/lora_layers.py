@@ -38,6 +38,8 @@ class LoRABatch:
     # False skips the LoRA math for a step without adapters; always True on CUDA, where a
     # captured graph must contain the kernels (an adapter-free replay finds empty segments).
     active: bool = False
+    # Triton kernels (CUDA; on CPU only under TRITON_INTERPRET, for tests), else the references.
+    kernels: bool = False
 
 
 class LoRALinear(nn.Module):
@@ -79,7 +81,7 @@ class LoRALinear(nn.Module):
         batch = self.batch
         if not batch.active:
             return y
-        if x.is_cuda:
+        if batch.kernels:
             ids, seg = batch.sorted_token_ids, batch.seg_start
             t = lora_shrink(x, self.lora_a, ids, seg)  # fp32 [T, L*R]
             lora_expand(y, t, self.lora_b, ids, seg, self.slice_sizes)

@@ -147,7 +147,7 @@ def test_lora_linear_cuda_graph_replays_any_adapter_mix(dtype: torch.dtype) -> N
     batch = LoRABatch(token_slots=torch.full((64,), -1, dtype=torch.int32, device="cuda"),
                       sorted_token_ids=torch.zeros(64, dtype=torch.int32, device="cuda"),
                       seg_start=torch.zeros(num_slots + 1, dtype=torch.int32, device="cuda"),
-                      active=True)
+                      active=True, kernels=True)
     layer = LoRALinear(base, hidden, sizes, num_slots, rank, batch)
     for slot, r in enumerate([16, 4, 8, 2]):
         layer.set_slot(slot, [(randn(r, hidden, dtype=dtype, device="cuda", seed=slot * 3 + i),
