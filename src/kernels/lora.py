@@ -39,7 +39,7 @@ import triton.language as tl
 
 # Tuning: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps). BLOCK_M is small: at decode a slot
 # owns few tokens. Shrink's N is the rank (narrow), its K the hidden size (long, split).
-SHRINK_CONFIG = (16, 32, 128, 8, 4)
+SHRINK_CONFIG = (16, 64, 128, 8, 4)
 EXPAND_CONFIG = (16, 128, 32, 1, 4)
 _MIN_DOT = 16  # tl.dot needs every block dim >= 16
 
