@@ -140,5 +140,5 @@ def test_protocol_carries_adapters() -> None:
     assert back.new[0].lora == ref and back.removed_loras == [3]
     # Without an adapter the field is left off the wire (omit_defaults) and decodes as None.
     plain = AddRequest("r", [1, 2], SamplingParams())
-    assert msgspec.msgpack.decode(encode(plain))[-1] != ["sql", 7, "/a/sql"]
+    assert len(msgspec.msgpack.decode(encode(plain))) < len(msgspec.msgpack.decode(encode(add)))
     assert core_input_decoder.decode(encode(plain)).lora is None
