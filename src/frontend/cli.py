@@ -28,7 +28,7 @@ from enginecore.config import (
     ParallelConfig,
     SchedulerConfig,
 )
-from frontend.lora import parse_lora_modules
+from frontend.lora import load_lora_resolver_plugin, parse_lora_modules
 from frontend.reasoning import get_reasoning_parser
 from frontend.tools import get_tool_parser, load_tool_parser_plugin
 
@@ -60,6 +60,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     reasoning_parser: str | None = None
     # LoRA adapters to serve, each name=path or JSON {"name", "path", "base_model_name"}
     lora_modules: list[str] = []
+    # a .py file (or module name) whose import registers LoRA resolvers (register_lora_resolver)
+    lora_resolver_plugin: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming a bad field."""
@@ -76,6 +78,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
         if self.reasoning_parser is not None:
             get_reasoning_parser(self.reasoning_parser)
         parse_lora_modules(self.lora_modules, "")  # syntax only; files are checked at start
+        if self.lora_resolver_plugin is not None:
+            load_lora_resolver_plugin(self.lora_resolver_plugin)
 
 
 ENGINE_STRUCTS: tuple[type[msgspec.Struct], ...] = (

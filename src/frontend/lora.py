@@ -7,8 +7,9 @@
 A request names its adapter in the OpenAI `model` field. `LoRAModels` maps names to adapters:
 the `--lora-modules` given at start, adapters loaded at runtime (`/v1/load_lora_adapter`,
 only with TLS_ALLOW_RUNTIME_LORA_UPDATING=1) and adapters that a resolver finds for an unknown
-name (same switch). Resolvers form a small registry (`register_lora_resolver`); the built-in
-filesystem resolver serves `$TLS_LORA_RESOLVER_CACHE_DIR/<name>/` when that variable is set.
+name (same switch). Resolvers form a small registry (`register_lora_resolver`, called by a module
+that `--lora-resolver-plugin` imports); the built-in filesystem resolver serves
+`$TLS_LORA_RESOLVER_CACHE_DIR/<name>/` when that variable is set.
 
 Adapters are checked here, without torch (`enginecore.config.inspect_lora_adapter`: files,
 rank <= max_lora_rank, supported modules, shapes against the base model), so a bad adapter is a
@@ -17,7 +18,10 @@ rank <= max_lora_rank, supported modules, shapes against the base model), so a b
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +119,27 @@ _RESOLVERS: dict[str, LoRAResolver] = {}
 def register_lora_resolver(name: str, resolver: LoRAResolver) -> None:
     """Add a resolver; resolvers are tried in registration order until one finds the adapter."""
     _RESOLVERS[name] = resolver
+
+
+def load_lora_resolver_plugin(path: str) -> None:
+    """Import a user module (a .py file or a dotted module name) that calls
+    `register_lora_resolver` (`--lora-resolver-plugin`)."""
+    if Path(path).is_file():
+        module_name = f"lora_resolver_plugin_{Path(path).stem}"
+        if module_name in sys.modules:
+            return  # imported already (the launcher validates, each API server imports)
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"lora_resolver_plugin: cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        return
+    try:
+        importlib.import_module(path)
+    except ImportError as e:
+        raise ValueError(f"lora_resolver_plugin: {path} is neither a file nor a module: "
+                         f"{e}") from e
 
 
 def lora_resolvers() -> list[LoRAResolver]:

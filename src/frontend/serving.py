@@ -33,7 +33,12 @@ from frontend import openai as api
 from frontend.chat import ChatFeatures, ChatPlan, ChoiceParser
 from frontend.cli import ServerConfig
 from frontend.client import AsyncEngine, EngineDeadError
-from frontend.lora import LoRAModels, LoRARequest, parse_lora_modules
+from frontend.lora import (
+    LoRAModels,
+    LoRARequest,
+    load_lora_resolver_plugin,
+    parse_lora_modules,
+)
 from frontend.metrics import RequestTracker, ServerMetrics
 from frontend.outputs import CompletionOutput, OutputKind, PositionLogprobs, RequestOutput
 from sampling.params import SamplingParams
@@ -137,6 +142,8 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.model_names = list(config.served_model_name) or [engine.config.model.model]
+        if config.lora_resolver_plugin is not None:
+            load_lora_resolver_plugin(config.lora_resolver_plugin)
         self.loras = LoRAModels(engine.config, self.model_names[0],
                                 parse_lora_modules(config.lora_modules, self.model_names[0]))
         self.chat_template = _read_template(config.chat_template)

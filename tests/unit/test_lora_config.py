@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from enginecore.config import EngineConfig, LoRAConfig, inspect_lora_adapter
+from enginecore.config import EngineConfig, Env, LoRAConfig, inspect_lora_adapter
 from enginecore.protocol import (
     AddRequest,
     CachedReqs,
@@ -25,7 +25,13 @@ from enginecore.protocol import (
     worker_input_decoder,
 )
 from frontend.cli import parse_serve_args
-from frontend.lora import FilesystemResolver, LoRARequest, lora_int_id, parse_lora_modules
+from frontend.lora import (
+    FilesystemResolver,
+    LoRAModels,
+    LoRARequest,
+    lora_int_id,
+    parse_lora_modules,
+)
 from sampling.params import SamplingParams
 
 # A tiny model's config.json: hidden 8, 2 heads of 4 (1 kv head), intermediate 16, 2 layers.
@@ -142,3 +148,35 @@ def test_protocol_carries_adapters() -> None:
     plain = msgspec.msgpack.decode(encode(AddRequest("r", [1, 2], SamplingParams())))
     assert core_input_decoder.decode(msgspec.msgpack.encode(plain[:-1])).lora is None
     assert core_input_decoder.decode(encode(plain)).lora is None
+
+
+PLUGIN = """
+from frontend.lora import LoRARequest, register_lora_resolver
+
+class Table:
+    async def resolve_lora(self, base_model_name, lora_name):
+        if lora_name == "plugged":
+            return LoRARequest("plugged", 99, {path!r}, base_model_name)
+        return None
+
+register_lora_resolver("table", Table())
+"""
+
+
+def test_resolver_plugin_serves_unknown_names(tmp_path, model_dir, monkeypatch) -> None:
+    """A --lora-resolver-plugin file registers a resolver; lookups use it only when runtime
+    updates are allowed, keep what it finds, and still check the adapter."""
+    adapter = write_adapter(tmp_path / "plug")
+    (tmp_path / "plugin.py").write_text(PLUGIN.format(path=adapter))
+    _, _, server = parse_serve_args(["m", "--lora-resolver-plugin", str(tmp_path / "plugin.py")])
+    cfg = EngineConfig.create(model_dir, enable_lora=True, max_lora_rank=8)
+    models = LoRAModels(cfg, "base", [])
+    assert asyncio.run(models.lookup("plugged")) is None  # switch off
+    monkeypatch.setattr(Env, "ALLOW_RUNTIME_LORA_UPDATING", True)
+    found = asyncio.run(models.lookup("plugged"))
+    assert found is not None and found.lora_path == adapter and "plugged" in models.adapters
+    assert asyncio.run(models.lookup("other")) is None
+    small = LoRAModels(EngineConfig.create(model_dir, enable_lora=True, max_lora_rank=1),
+                       "base", [])
+    with pytest.raises(ValueError, match="rank exceeds"):
+        asyncio.run(small.lookup("plugged"))
