@@ -99,6 +99,8 @@ class LoRAConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 MAX_LORA_RANK = 512
+# Models whose projections `workers/lora_layers.py` knows how to wrap.
+LORA_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 # vLLM's backends that this engine does not implement: named in the error a user gets.
 _OTHER_BACKENDS = ("xgrammar", "outlines", "lm-format-enforcer")
@@ -166,6 +168,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         if self.parallel.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
         self.lora.validate()
+        if self.lora.enable_lora and self.model.architecture not in LORA_ARCHITECTURES:
+            raise ValueError(f"enable_lora: LoRA supports {', '.join(LORA_ARCHITECTURES)}, not "
+                             f"{self.model.architecture!r}")
+        if self.lora.enable_lora and self.parallel.tensor_parallel_size != 1:
+            raise ValueError("enable_lora: LoRA with tensor_parallel_size > 1 is not supported")
         backend = self.structured_outputs.backend
         if backend not in ("auto", "guidance"):
             known = "a vLLM backend this engine does not implement" \

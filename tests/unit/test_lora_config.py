@@ -102,6 +102,14 @@ def test_lora_config_validation(model_dir) -> None:
         EngineConfig.create(model_dir, max_lora_rank=0)
     with pytest.raises(ValueError, match="max_loras"):
         EngineConfig.create(model_dir, max_loras=0)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig.create(model_dir, enable_lora=True, tensor_parallel_size=2)
+    moe = Path(model_dir).parent / "moe"
+    moe.mkdir()
+    (moe / "config.json").write_text(json.dumps({**HF, "architectures": ["Qwen3MoeForCausalLM"]}))
+    with pytest.raises(ValueError, match="Qwen3MoeForCausalLM"):
+        EngineConfig.create(str(moe), enable_lora=True)
+    EngineConfig.create(str(moe))  # fine without LoRA
 
 
 def test_serve_flags_and_lora_modules() -> None:
