@@ -77,6 +77,7 @@ class LoRALinear(nn.Module):
             offset += n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) plus each token's adapter delta: x [T, in] -> y [T, sum N_l]."""
         y = self.base(x)
         batch = self.batch
         if not batch.active:
