@@ -128,7 +128,7 @@ def peft_greedy(model: torch.nn.Module, tokens: list[int], max_new: int
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_engine_mixed_adapters_match_peft(tiny_models, lora_adapters, peft_models,
-                                          device: str) -> None:
+                                          device: str, tmp_path) -> None:
     """The whole engine: base + 3 adapters in one generate call with max_loras=2 (the scheduler
     holds back a third adapter), CPU cache of 2 (reloads). Run twice with the adapters permuted:
     the same prompts under another adapter must not reuse the first round's prefix-cache KV.
@@ -155,6 +155,18 @@ def test_engine_mixed_adapters_match_peft(tiny_models, lora_adapters, peft_model
                                                             strict=True)]
                 np.testing.assert_allclose(got_lps, want_lps, atol=atol)
         assert llm.get_stats().prefix_cache_hits > 0  # round 2 did hit: same adapter, same prompt
+        # An adapter whose data is broken although its header is fine passes the API check and
+        # fails in the worker: its request ends with "error", its batch neighbours are served.
+        broken = tmp_path / "broken"
+        shutil.copytree(lora_adapters["chat"], broken)
+        weights = broken / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-64])
+        outs = llm.generate([shared, shared], SamplingParams(temperature=0.0, max_tokens=max_new,
+                                                             ignore_eos=True), use_tqdm=False,
+                            lora_request=[LoRARequest("broken", 77, str(broken)), lora["sql"]])
+        assert outs[0].outputs[0].finish_reason == "error"
+        assert outs[1].outputs[0].token_ids == peft_greedy(peft_models["sql"]["unmerged"],
+                                                           shared, max_new)[0]
         with pytest.raises(ValueError, match="not found"):  # refused; the engine keeps serving
             llm.generate([[5, 6]], lora_request=LoRARequest("x", 9, "/nonexistent"),
                          use_tqdm=False)

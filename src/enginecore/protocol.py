@@ -185,6 +185,8 @@ class StepResult(msgspec.Struct, tag="step", array_like=True, omit_defaults=True
     logprobs: list[TokenLogprobs | None] | None = None  # aligned with req_ids when any asked
     prompt_logprobs: dict[str, TokenLogprobs] | None = None
     num_nans: int = 0
+    # Requests the workers could not run (their LoRA adapter failed to load): finished "error".
+    failed: list[str] = []
 
 
 class MemoryReport(msgspec.Struct, tag="memory", array_like=True):

@@ -330,11 +330,13 @@ class Scheduler:
         """Apply a step's result: one delta per sampled token or prompt-logprob chunk."""
         # Requests that left since the step was sent are no longer in its record: skipped.
         scheduled = self._in_flight.pop(step.step_id)
+        # First: a failed request's KV (computed without its adapter) must never be cached.
+        failed = self._fail(result.failed, scheduled)
         for req_id, (request, start) in scheduled.items():
             self.kv.cache_full_blocks(request, start + step.num_scheduled_tokens[req_id])
 
         prompt_logprobs = dict(result.prompt_logprobs or {})
-        outputs = []
+        outputs = failed
         for i, (req_id, token) in enumerate(zip(result.req_ids, result.sampled, strict=True)):
             if req_id not in scheduled:
                 continue
@@ -360,6 +362,18 @@ class Scheduler:
                 outputs.append(TokenDelta(req_id, [], prompt_logprobs=rows,
                                           num_cached_tokens=request.num_cached_tokens))
         return outputs
+
+    def _fail(self, req_ids: list[str], scheduled: _Scheduled) -> list[TokenDelta]:
+        """Finish requests the workers could not run with finish_reason "error"."""
+        deltas = []
+        for req_id in req_ids:
+            if scheduled.pop(req_id, None) is not None and req_id in self.requests:
+                request = self.requests[req_id]
+                logger.warning("request %s failed in the workers", req_id)
+                self._finish(request, "error")
+                deltas.append(TokenDelta(req_id, [], finish_reason="error",
+                                         num_cached_tokens=request.num_cached_tokens))
+        return deltas
 
     @staticmethod
     def _new_prompt_logprobs(request: Request, rows: TokenLogprobs | None,

@@ -98,14 +98,24 @@ class LoRAManager:
 
     # ------------------------------------------------------------ per step
 
-    def prepare(self, loras: list[LoRARef | None], num_scheduled: np.ndarray) -> None:
+    def prepare(self, loras: list[LoRARef | None], num_scheduled: np.ndarray) -> list[int]:
         """Make the step's adapters resident; write the token -> slot mapping to the device.
 
         loras[i] is request i's adapter (None: base model), num_scheduled[i] its token count.
+        Returns the indices of requests whose adapter failed to load (they run without one; the
+        runner reports them failed so their tokens are never used).
         """
         in_use: set[int] = set()
-        req_slots = np.fromiter((-1 if ref is None else self._activate(ref, in_use)
-                                 for ref in loras), np.int32, len(loras))
+        failed: list[int] = []
+        req_slots = np.full(len(loras), -1, dtype=np.int32)
+        for i, ref in enumerate(loras):
+            if ref is not None:
+                try:
+                    req_slots[i] = self._activate(ref, in_use)
+                except Exception as e:  # noqa: BLE001 - any failure: fail these requests only
+                    # Checked in the API process, but the files may have changed since.
+                    logger.error("LoRA adapter %r (%s) failed to load: %s", ref.name, ref.path, e)
+                    failed.append(i)
         num_tokens = int(num_scheduled.sum())
         token_slots = np.repeat(req_slots, num_scheduled)
         self._slots_np[:num_tokens] = token_slots
@@ -124,6 +134,7 @@ class LoRAManager:
         if in_use:
             n = int(counts.sum())
             self.batch.sorted_token_ids[:n].copy_(self._ids_host[:n], non_blocking=nb)
+        return failed
 
     def remove(self, int_id: int) -> None:
         """Forget an unloaded adapter (CPU cache and GPU slot)."""

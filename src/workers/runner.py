@@ -69,6 +69,7 @@ class StepInputs:
     sample_reqs: list[CachedRequestState]
     # Prompt-logprob requests: (state, first token index in T, first position, count of rows)
     prompt_lp: list[tuple[CachedRequestState, int, int, int]]
+    failed: list[str] = field(default_factory=list)  # requests whose LoRA adapter failed
 
 
 class ModelRunner:
@@ -147,7 +148,7 @@ class ModelRunner:
             return StepResult(step_id=step.step_id, req_ids=[], sampled=[])
         inputs = self._prepare_inputs(step)
         hidden = self._forward(inputs)
-        result = StepResult(step_id=step.step_id, req_ids=[], sampled=[])
+        result = StepResult(step_id=step.step_id, req_ids=[], sampled=[], failed=inputs.failed)
         if inputs.prompt_lp:
             result.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         if inputs.sample_reqs:
@@ -217,8 +218,8 @@ class ModelRunner:
         max_seq_len = int(end.max())
         num_cols = -(-max_seq_len // self.block_size)
         buf.block_tables[:num_reqs, :num_cols] = bt.table[rows, :num_cols]
-        if self.lora is not None:
-            self.lora.prepare([s.lora for s in reqs], n)
+        failed = [] if self.lora is None else \
+            [reqs[i].req_id for i in self.lora.prepare([s.lora for s in reqs], n)]
 
         sample_rows: list[int] = []
         sample_reqs: list[CachedRequestState] = []
@@ -234,7 +235,8 @@ class ModelRunner:
                 prompt_lp.append((state, last - (b - a), a, min(b, num_prompt - 1) - a))
         return StepInputs(num_tokens=num_tokens, num_reqs=num_reqs, num_cols=num_cols,
                           max_query_len=int(n.max()), max_seq_len=max_seq_len,
-                          sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp)
+                          sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp,
+                          failed=failed)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H]: replayed from a CUDA graph for decode steps, else eager."""

@@ -101,3 +101,22 @@ def test_removed_lora_reaches_the_workers() -> None:
     add(sched, "a", [5, 6, 7], None)
     drive(sched, worker)
     assert worker.removed == [7]
+
+
+def test_failed_request_finishes_with_error_and_caches_nothing() -> None:
+    """A request whose adapter failed in the workers ends with "error"; the KV it got (computed
+    without the adapter) is never registered in the prefix cache."""
+    sched = make_scheduler(max_loras=2)
+    worker = LoRAWorker(2)
+    prompt = list(range(10, 30))
+    add(sched, "bad", prompt, ADAPTERS[0])
+    add(sched, "good", [5, 6, 7], None)
+    step = sched.schedule()
+    result = worker.execute(step)
+    result.failed = ["bad"]
+    deltas = {d.request_id: d for d in sched.update(step, result)}
+    assert deltas["bad"].finish_reason == "error" and deltas["bad"].new_token_ids == []
+    assert deltas["good"].new_token_ids and "bad" not in sched.requests
+    drive(sched, worker)
+    add(sched, "again", prompt, ADAPTERS[0])
+    assert drive(sched, worker).cached["again"] == 0
