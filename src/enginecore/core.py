@@ -204,6 +204,8 @@ class EngineCoreProc:
         result = ControlResult(call_id=msg.call_id)
         if msg.op == "reset_prefix_cache":
             result.value = int(self.core.scheduler.reset_prefix_cache())
+        elif msg.op == "remove_lora" and msg.lora is not None:
+            self.core.scheduler.remove_lora(msg.lora.int_id)
         elif msg.op == "shutdown":
             self.stopping = True
         elif msg.op not in ("get_stats", "ping"):

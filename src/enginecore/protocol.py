@@ -36,6 +36,12 @@ class MMInput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     data: bytes = b""
     dtype: str = "float32"
     shape: list[int] = []
+class LoRARef(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A LoRA adapter a request runs with: workers load it from `path` on first use."""
+
+    name: str
+    int_id: int  # unique per (name, path); keys the workers' caches and the prefix-cache hash
+    path: str  # PEFT directory: adapter_config.json + adapter_model.safetensors
 
 
 class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True, gc=False):
@@ -47,6 +53,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True,
     priority: int = 0  # lower runs first under the "priority" policy
     cache_salt: str | None = None
     mm_inputs: list[MMInput] | None = None  # multimodal items, in prompt order
+    lora: LoRARef | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True, gc=False):
@@ -59,9 +66,10 @@ class Control(msgspec.Struct, tag="control", array_like=True, omit_defaults=True
     call_id: int
     op: str  # one of CONTROL_OPS
     client_index: int = 0
+    lora: LoRARef | None = None  # the adapter of "remove_lora"
 
 
-CONTROL_OPS = ("reset_prefix_cache", "get_stats", "ping", "shutdown")
+CONTROL_OPS = ("reset_prefix_cache", "get_stats", "ping", "shutdown", "remove_lora")
 
 CoreInput = AddRequest | Abort | Control
 
@@ -143,6 +151,7 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     # Tokens already generated: non-empty only when resuming after preemption by recompute.
     output_token_ids: list[int] = []
     mm_inputs: list[MMInput] | None = None
+    lora: LoRARef | None = None
 
 
 class CachedReqs(msgspec.Struct, array_like=True, gc=False):
@@ -168,6 +177,8 @@ class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
     # outputs join the encoder cache), and encoder-cache entries (hashes) to drop first.
     encoder_inputs: dict[str, list[int]] = {}
     free_encoder_hashes: list[str] = []
+    # LoRA adapters (int ids) unloaded since the last step: workers drop them from their caches.
+    removed_loras: list[int] = []
 
 
 class InitKVCache(msgspec.Struct, tag="init_kv", array_like=True):
@@ -196,6 +207,8 @@ class StepResult(msgspec.Struct, tag="step", array_like=True, omit_defaults=True
     logprobs: list[TokenLogprobs | None] | None = None  # aligned with req_ids when any asked
     prompt_logprobs: dict[str, TokenLogprobs] | None = None
     num_nans: int = 0
+    # Requests the workers could not run (their LoRA adapter failed to load): finished "error".
+    failed: list[str] = []
 
 
 class MemoryReport(msgspec.Struct, tag="memory", array_like=True):

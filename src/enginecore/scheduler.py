@@ -120,6 +120,8 @@ class Scheduler:
         self.encoder_budget = sched.max_num_encoder_input_tokens or sched.max_num_batched_tokens
         self.encoder_cache = EncoderCacheManager(
             sched.encoder_cache_size or sched.max_num_batched_tokens)
+        self.max_loras = config.lora.max_loras
+        self._removed_loras: list[int] = []  # for the next step's `removed_loras`
 
     # ------------------------------------------------------------ requests in and out
 
@@ -275,8 +277,14 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         max_num_seqs = self.sched_config.max_num_seqs
-        while self.waiting and plan.budget > 0 and len(self.running) < max_num_seqs:
-            request = self.waiting[0]  # waiting requests hold no blocks and 0 computed tokens
+        loras = self._running_loras()
+        i = 0  # requests before i wait for a LoRA slot; they keep their place in the queue
+        while i < len(self.waiting) and plan.budget > 0 and len(self.running) < max_num_seqs:
+            request = self.waiting[i]  # waiting requests hold no blocks and 0 computed tokens
+            if loras is not None and request.lora is not None and \
+                    request.lora.int_id not in loras and len(loras) >= self.max_loras:
+                i += 1  # would exceed max_loras adapters in one batch: skip it for now
+                continue
             if request.request_id in plan.preempted:
                 # Re-admitting it in the step that evicted it would only churn: workers forget
                 # and re-add it, and it recomputes what it just dropped.
@@ -293,7 +301,9 @@ class Scheduler:
             block_ids = self.kv.allocate_slots(request, num_new, computed_blocks=hit_blocks)
             if block_ids is None:
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
+            if loras is not None and request.lora is not None:
+                loras.add(request.lora.int_id)
             request.start_running(num_hit)
             self._commit_encoder(request, num_new, to_encode, plan)
             self.running.append(request)
@@ -343,6 +353,16 @@ class Scheduler:
             other = self.requests[min(holders)]
             index = next(j for j, item in enumerate(other.mm_inputs) if item.hash == key)
             plan.encoder_inputs.setdefault(other.request_id, []).append(index)
+    def _running_loras(self) -> set[int] | None:
+        """Adapter ids of the running requests (None without LoRA): every step computes a
+        subset of `running`, so keeping these <= max_loras caps each step's adapters."""
+        if not self.config.lora.enable_lora:
+            return None
+        return {r.lora.int_id for r in self.running if r.lora is not None}
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Tell the workers (with the next step) to drop an unloaded adapter from their caches."""
+        self._removed_loras.append(lora_int_id)
 
     def _build_step(self, plan: _StepPlan) -> ExecuteStep:
         new: list[NewReq] = []
@@ -360,7 +380,7 @@ class Scheduler:
                     block_ids=self.kv.block_ids(req_id),
                     num_computed_tokens=request.num_computed_tokens,
                     output_token_ids=list(request.output_token_ids),
-                    mm_inputs=request.mm_inputs or None))
+                    mm_inputs=request.mm_inputs or None, lora=request.lora))
             else:
                 cached.req_ids.append(req_id)
                 cached.new_block_ids.append(plan.new_block_ids[req_id])
@@ -373,8 +393,9 @@ class Scheduler:
         self._in_flight[self._step_id] = scheduled
         step = ExecuteStep(self._step_id, new, cached, num_scheduled, finished=self._finished_ids,
                            encoder_inputs=plan.encoder_inputs,
-                           free_encoder_hashes=self.encoder_cache.take_freed())
-        self._finished_ids = []
+                           free_encoder_hashes=self.encoder_cache.take_freed(),
+                           removed_loras=self._removed_loras)
+        self._finished_ids, self._removed_loras = [], []
         return step
 
     # ------------------------------------------------------------ update
@@ -383,11 +404,13 @@ class Scheduler:
         """Apply a step's result: one delta per sampled token or prompt-logprob chunk."""
         # Requests that left since the step was sent are no longer in its record: skipped.
         scheduled = self._in_flight.pop(step.step_id)
+        # First: a failed request's KV (computed without its adapter) must never be cached.
+        failed = self._fail(result.failed, scheduled)
         for req_id, (request, start) in scheduled.items():
             self.kv.cache_full_blocks(request, start + step.num_scheduled_tokens[req_id])
 
         prompt_logprobs = dict(result.prompt_logprobs or {})
-        outputs = []
+        outputs = failed
         for i, (req_id, token) in enumerate(zip(result.req_ids, result.sampled, strict=True)):
             if req_id not in scheduled:
                 continue
@@ -413,6 +436,18 @@ class Scheduler:
                 outputs.append(TokenDelta(req_id, [], prompt_logprobs=rows,
                                           num_cached_tokens=request.num_cached_tokens))
         return outputs
+
+    def _fail(self, req_ids: list[str], scheduled: _Scheduled) -> list[TokenDelta]:
+        """Finish requests the workers could not run with finish_reason "error"."""
+        deltas = []
+        for req_id in req_ids:
+            if scheduled.pop(req_id, None) is not None and req_id in self.requests:
+                request = self.requests[req_id]
+                logger.warning("request %s failed in the workers", req_id)
+                self._finish(request, "error")
+                deltas.append(TokenDelta(req_id, [], finish_reason="error",
+                                         num_cached_tokens=request.num_cached_tokens))
+        return deltas
 
     @staticmethod
     def _new_prompt_logprobs(request: Request, rows: TokenLogprobs | None,

@@ -1,7 +1,8 @@
 """The `python -m frontend serve` command line, generated from the config structs.
 
 `ServerConfig` (defined here: the HTTP settings the launcher hands every API server) and the
-sub-structs of `EngineConfig` (`ModelConfig`, `CacheConfig`, `SchedulerConfig`, `ParallelConfig`)
+sub-structs of `EngineConfig` (`ModelConfig`, `CacheConfig`, `SchedulerConfig`, `ParallelConfig`,
+`LoRAConfig`)
 are the single source of the flags. Every field becomes a vLLM-style flag (`max_num_seqs` ->
 `--max-num-seqs`); booleans get a `--no-` twin, `Literal` fields get choices, and the field's
 trailing comment (or the comment lines just above it) becomes the help text. Engine flags default
@@ -22,11 +23,13 @@ import msgspec
 
 from enginecore.config import (
     CacheConfig,
+    LoRAConfig,
     ModelConfig,
     MultiModalConfig,
     ParallelConfig,
     SchedulerConfig,
 )
+from frontend.lora import load_lora_resolver_plugin, parse_lora_modules
 from frontend.reasoning import get_reasoning_parser
 from frontend.tools import get_tool_parser, load_tool_parser_plugin
 
@@ -56,6 +59,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     exclude_tools_when_tool_choice_none: bool = False
     # split replies into reasoning and content: deepseek_r1, qwen3, think
     reasoning_parser: str | None = None
+    # LoRA adapters to serve, each name=path or JSON {"name", "path", "base_model_name"}
+    lora_modules: list[str] = []
+    # a .py file (or module name) whose import registers LoRA resolvers (register_lora_resolver)
+    lora_resolver_plugin: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming a bad field."""
@@ -71,10 +78,13 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("enable_auto_tool_choice needs --tool-call-parser")
         if self.reasoning_parser is not None:
             get_reasoning_parser(self.reasoning_parser)
+        parse_lora_modules(self.lora_modules, "")  # syntax only; files are checked at start
+        if self.lora_resolver_plugin is not None:
+            load_lora_resolver_plugin(self.lora_resolver_plugin)
 
 
 ENGINE_STRUCTS: tuple[type[msgspec.Struct], ...] = (
-    ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, MultiModalConfig)
+    ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, MultiModalConfig, LoRAConfig)
 # Filled from the checkpoint (or positional), never flags.
 _NOT_FLAGS = {"model", "architecture", "vocab_size", "eos_token_ids"}
 # vLLM's flag names where they differ from the field name.

@@ -30,6 +30,7 @@ from enginecore.protocol import (
     Control,
     CoreReady,
     EngineOutputs,
+    LoRARef,
     MMInput,
     SchedulerStats,
     TokenDelta,
@@ -37,6 +38,7 @@ from enginecore.protocol import (
     encode,
 )
 from frontend.launch import CoreHandle, start_engine_core
+from frontend.lora import LoRARequest
 from frontend.output_processor import ParentRequest, RequestState
 from frontend.outputs import OutputKind, RequestOutput
 from frontend.processor import Processor, PromptType
@@ -179,6 +181,7 @@ class AsyncEngine:
                        request_id: str | None = None, *, priority: int = 0,
                        cache_salt: str | None = None,
                        output_kind: OutputKind = OutputKind.CUMULATIVE,
+                       lora_request: LoRARequest | None = None,
                        ) -> AsyncIterator[RequestOutput]:
         """Submit one request; yield RequestOutputs until it finishes.
 
@@ -190,7 +193,8 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         text, prompt_ids, mm_inputs = self.processor.process_prompt(prompt)
         parent = ParentRequest(request_id, text, prompt_ids, params.n, output_kind)
-        child_ids = self._add(parent, params, priority, cache_salt, mm_inputs)
+        child_ids = self._add(parent, params, priority, cache_salt, mm_inputs,
+                              None if lora_request is None else lora_request.to_ref())
         try:
             while True:
                 item = await parent.queue.get()
@@ -207,7 +211,8 @@ class AsyncEngine:
                 self._send(Abort(request_ids=alive))
 
     def _add(self, parent: ParentRequest, params: SamplingParams, priority: int,
-             cache_salt: str | None, mm_inputs: list[MMInput] | None = None) -> list[str]:
+             cache_salt: str | None, mm_inputs: list[MMInput] | None = None,
+             lora: LoRARef | None = None) -> list[str]:
         """Fan out n > 1 into n engine requests (distinct seeds), validated before any is sent."""
         n = params.n
         child_ids = [parent.request_id] if n == 1 else \
@@ -220,7 +225,7 @@ class AsyncEngine:
                 raise ValueError(f"request_id {child_id!r} is already in use")
             requests.append(self.processor.make_request(
                 child_id, parent.prompt_token_ids, child, client_index=self.client_index,
-                priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs))
+                priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs, lora=lora))
         for i, req in enumerate(requests):
             self.states[req.request_id] = RequestState(parent, i, self.tokenizer, req.sampling)
             self._send(req)
@@ -235,17 +240,21 @@ class AsyncEngine:
         if ids:
             self._send(Abort(request_ids=ids))
 
-    async def _control(self, op: str, timeout: float = 30.0):
+    async def _control(self, op: str, timeout: float = 30.0, lora: LoRARef | None = None):
         if self.dead:
             raise EngineDeadError(self.dead)
         call_id = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
         self._calls[call_id] = fut
-        self._send(Control(call_id=call_id, op=op, client_index=self.client_index))
+        self._send(Control(call_id=call_id, op=op, client_index=self.client_index, lora=lora))
         return await asyncio.wait_for(fut, timeout)
 
     async def reset_prefix_cache(self) -> bool:
         return bool((await self._control("reset_prefix_cache")).value)
+
+    async def remove_lora(self, lora_request: LoRARequest) -> None:
+        """Tell the workers to drop an unloaded adapter from their caches."""
+        await self._control("remove_lora", lora=lora_request.to_ref())
 
     async def get_stats(self) -> SchedulerStats:
         """Fresh scheduler stats (KV usage, prefix-cache counters, preemptions)."""

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from enginecore.config import EngineConfig
 from enginecore.protocol import SchedulerStats
 from frontend.client import AsyncEngine
+from frontend.lora import LoRARequest
 from frontend.outputs import OutputKind, RequestOutput
 from frontend.processor import PromptType
 from sampling.params import SamplingParams
@@ -43,8 +44,12 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
                  ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of `prompts`."""
+        """Run every prompt to completion; outputs come back in the order of `prompts`.
+
+        `lora_request`: one adapter for every prompt, or one (or None: the base model) per prompt.
+        """
         if isinstance(prompts, str | dict) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -56,17 +61,23 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError("sampling_params must be one value or one per prompt")
         prios = list(priority) if priority is not None else [0] * len(prompts)
+        loras = list(lora_request) if isinstance(lora_request, Sequence) else \
+            [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError("lora_request must be one value or one per prompt")
         ids = [f"offline-{self._counter + i}" for i in range(len(prompts))]
         self._counter += len(prompts)
-        return self._run(self._generate_all(ids, prompts, params, prios, use_tqdm))
+        return self._run(self._generate_all(ids, prompts, params, prios, loras, use_tqdm))
 
-    async def _generate_all(self, ids, prompts, params, prios, use_tqdm) -> list[RequestOutput]:
+    async def _generate_all(self, ids, prompts, params, prios, loras,
+                            use_tqdm) -> list[RequestOutput]:
         bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm)
 
-        async def one(rid, prompt, sp, prio) -> RequestOutput:
+        async def one(rid, prompt, sp, prio, lora) -> RequestOutput:
             final = None
             async for out in self.engine.generate(prompt, sp, rid, priority=prio,
-                                                  output_kind=OutputKind.FINAL_ONLY):
+                                                  output_kind=OutputKind.FINAL_ONLY,
+                                                  lora_request=lora):
                 final = out
             bar.update(1)
             return final
@@ -74,11 +85,13 @@ class LLM:
         try:
             # Validate everything before any request runs: a bad prompt fails the whole call.
             tokenized = []
-            for prompt, sp in zip(prompts, params, strict=True):
+            for prompt, sp, lora in zip(prompts, params, loras, strict=True):
                 text, token_ids, mm = self.engine.processor.process_prompt(prompt)
-                self.engine.processor.make_request("validate", token_ids, sp, mm_inputs=mm)
+                self.engine.processor.make_request(
+                    "validate", token_ids, sp, mm_inputs=mm,
+                    lora=None if lora is None else lora.to_ref())
                 tokenized.append({"prompt": text, "prompt_token_ids": token_ids, "mm_inputs": mm})
-            jobs = (one(*a) for a in zip(ids, tokenized, params, prios, strict=True))
+            jobs = (one(*a) for a in zip(ids, tokenized, params, prios, loras, strict=True))
             return list(await asyncio.gather(*jobs))
         finally:
             bar.close()

@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from enginecore.config import EngineConfig
-from enginecore.protocol import AddRequest, MMInput
+from enginecore.config import EngineConfig, inspect_lora_adapter
+from enginecore.protocol import AddRequest, LoRARef, MMInput
 from frontend.multimodal import MultiModalProcessor
 from frontend.tokenizer import Tokenizer
 from sampling.params import SamplingParams, StructuredOutputsParams
@@ -34,6 +34,7 @@ class Processor:
         # The engine's limit: the model's, capped at what the KV cache holds (CoreReady).
         self.max_model_len = config.model.max_model_len
         self._valid_constraints: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._valid_loras: set[str] = set()
         # Vision-language checkpoints only: images / videos -> pixel rows and placeholders.
         self.mm: MultiModalProcessor | None = (
             MultiModalProcessor(config.model.model, config.multimodal)
@@ -71,9 +72,11 @@ class Processor:
 
     def make_request(self, request_id: str, prompt_token_ids: list[int],
                      params: SamplingParams, *, client_index: int = 0, priority: int = 0,
-                     cache_salt: str | None = None,
-                     mm_inputs: list[MMInput] | None = None) -> AddRequest:
+                     cache_salt: str | None = None, mm_inputs: list[MMInput] | None = None,
+                     lora: LoRARef | None = None) -> AddRequest:
         """Validate and build the engine request; `params.n` must already be 1."""
+        if lora is not None:
+            self._check_lora(lora)
         max_len = self.max_model_len
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
@@ -95,7 +98,8 @@ class Processor:
                 params, bad_words_token_ids=self._bad_words_ids(params.bad_words))
         return AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                           sampling=params, client_index=client_index, arrival_time=time.time(),
-                          priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs)
+                          priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs,
+                          lora=lora)
 
     def _check_mm_inputs(self, mm_inputs: list[MMInput] | None) -> None:
         """An item must fit the encoder budget and cache, or it could never be scheduled."""
@@ -107,6 +111,16 @@ class Processor:
                 raise ValueError(f"multi_modal_data: a {item.modality} of {item.length} tokens "
                                  f"exceeds the encoder budget of {limit} tokens "
                                  "(--max-num-encoder-input-tokens, --encoder-cache-size)")
+
+    def _check_lora(self, lora: LoRARef) -> None:
+        """The adapter exists and fits (checked once per path): never a worker failure."""
+        cfg = self.config.lora
+        if not cfg.enable_lora:
+            raise ValueError("lora_request: LoRA is not enabled (start the engine with "
+                             "enable_lora=True / --enable-lora)")
+        if lora.path not in self._valid_loras:
+            inspect_lora_adapter(lora.path, cfg.max_lora_rank, self.config.model.model)
+            self._valid_loras.add(lora.path)
 
     def _check_logprobs(self, params: SamplingParams) -> None:
         """`--max-logprobs` caps the top-k a request may ask for (each costs a row of output)."""

@@ -6,6 +6,7 @@
     GET  /health (503 once the engine is dead), /version, /metrics (Prometheus)
     GET  /openapi.json                           this API as OpenAPI 3.1 (`openapi_spec.py`)
     POST /reset_prefix_cache
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter   with TLS_ALLOW_RUNTIME_LORA_UPDATING=1
 
 Every failure answers OpenAI's error JSON {"error": {"message", "type", "param", "code"}}: 400 for
 bad JSON, wrong types and invalid values (any ValueError: msgspec's, the Processor's,
@@ -34,6 +35,13 @@ from aiohttp import web
 from frontend import openai as api
 from frontend.cli import ServerConfig
 from frontend.client import AsyncEngine, EngineDeadError
+from frontend.lora import (
+    LoadLoRAAdapterRequest,
+    LoRANotFound,
+    LoRARequest,
+    UnloadLoRAAdapterRequest,
+    lora_int_id,
+)
 from frontend.metrics import ServerMetrics
 from frontend.openapi_spec import build_openapi_spec
 from frontend.serving import APIError, OpenAIServing
@@ -117,6 +125,9 @@ class OpenAIServer:
             web.post("/reset_prefix_cache", self.reset_prefix_cache),
             web.get("/openapi.json", self.openapi),
         ])
+        if self.serving.loras.runtime_updates:
+            self.app.add_routes([web.post("/v1/load_lora_adapter", self.load_lora_adapter),
+                                 web.post("/v1/unload_lora_adapter", self.unload_lora_adapter)])
 
     # ------------------------------------------------------------ middlewares
 
@@ -184,7 +195,30 @@ class OpenAIServer:
         cards = [api.ModelCard(id=name, created=self.created, root=root,
                                max_model_len=self.serving.max_model_len)
                  for name in self.serving.model_names]
+        cards += [api.ModelCard(id=name, created=self.created, root=lora.lora_path,
+                                parent=lora.base_model_name or self.serving.model_names[0],
+                                max_model_len=self.serving.max_model_len)
+                  for name, lora in self.serving.loras.adapters.items()]
         return web.json_response(body=api.json_encoder.encode(api.ModelList(data=cards)))
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        req = msgspec.json.decode(await request.read(), type=LoadLoRAAdapterRequest)
+        loras = self.serving.loras
+        if req.lora_name in self.serving.model_names:
+            raise ValueError(f"lora_name: '{req.lora_name}' is the base model's name")
+        loras.add(LoRARequest(req.lora_name, lora_int_id(req.lora_name, req.lora_path),
+                              req.lora_path, self.serving.model_names[0]))  # ValueError: 400
+        return web.Response(text=f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        req = msgspec.json.decode(await request.read(), type=UnloadLoRAAdapterRequest)
+        try:
+            lora = self.serving.loras.remove(req.lora_name)
+        except LoRANotFound as e:
+            raise APIError(404, str(e), "lora_name") from None
+        await self.engine.remove_lora(lora)
+        return web.Response(text=f"Success: LoRA adapter '{req.lora_name}' removed "
+                                 "successfully.")
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         if not self.engine.dead:  # fresh engine-wide stats (KV usage, queues) for the scrape

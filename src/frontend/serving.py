@@ -35,6 +35,12 @@ from frontend.chat import ChatFeatures, ChatPlan, ChoiceParser
 from frontend.cli import ServerConfig
 from frontend.client import AsyncEngine, EngineDeadError
 from frontend.media import MediaConnector, MediaRef, media_parts
+from frontend.lora import (
+    LoRAModels,
+    LoRARequest,
+    load_lora_resolver_plugin,
+    parse_lora_modules,
+)
 from frontend.metrics import RequestTracker, ServerMetrics
 from frontend.outputs import CompletionOutput, OutputKind, PositionLogprobs, RequestOutput
 from sampling.params import SamplingParams
@@ -104,6 +110,7 @@ class _Job:
     stream_options: api.StreamOptions | None = None
     echo_logprobs: bool = False  # completions: the echoed prompt carries logprobs too
     return_prompt_logprobs: bool = False
+    lora: LoRARequest | None = None  # the adapter the `model` field named
     created: int = field(default_factory=lambda: int(time.time()))
     num_cached: list[int] = field(default_factory=list)
     prompt_logprobs: list[list[PositionLogprobs | None] | None] = field(default_factory=list)
@@ -138,6 +145,10 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.model_names = list(config.served_model_name) or [engine.config.model.model]
+        if config.lora_resolver_plugin is not None:
+            load_lora_resolver_plugin(config.lora_resolver_plugin)
+        self.loras = LoRAModels(engine.config, self.model_names[0],
+                                parse_lora_modules(config.lora_modules, self.model_names[0]))
         self.chat_template = _read_template(config.chat_template)
         self.chat_features = ChatFeatures(config, self.tokenizer)
         self.media = MediaConnector(engine.config.multimodal)
@@ -150,6 +161,7 @@ class OpenAIServing:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/completions."""
         req = api.completion_request_decoder.decode(await request.read())
+        await self.resolve_model(req.model)
         prompts = []
         for p in req.prompts():
             if isinstance(p, str):
@@ -165,6 +177,7 @@ class OpenAIServing:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
         req = api.chat_request_decoder.decode(await request.read())
+        await self.resolve_model(req.model)
         plan = self.chat_features.plan(req)
         job = self._make_job(req, [await self.chat_prompt(req, plan)], chat=True, plan=plan)
         for c in job.choices:
@@ -210,11 +223,16 @@ class OpenAIServing:
             echo = messages[-1].get("content") or ""
         return _Prompt(text, ids, echo, mm_inputs)
 
+    async def resolve_model(self, requested: str | None) -> None:
+        """Let the LoRA resolvers find an adapter for a name nobody serves yet."""
+        if requested is not None and requested not in self.model_names:
+            await self.loras.lookup(requested)
+
     def model_name(self, requested: str | None) -> str:
         """The served name to answer with; APIError 404 for a name we do not serve."""
         if requested is None:
             return self.model_names[0]
-        if requested not in self.model_names:
+        if requested not in self.model_names and requested not in self.loras.adapters:
             raise APIError(404, f"The model `{requested}` does not exist.", "model")
         return requested
 
@@ -233,7 +251,8 @@ class OpenAIServing:
                    priority=req.priority, cache_salt=req.cache_salt,
                    stream_options=req.stream_options,
                    return_prompt_logprobs=req.prompt_logprobs is not None,
-                   num_cached=[0] * len(prompts), prompt_logprobs=[None] * len(prompts))
+                   num_cached=[0] * len(prompts), prompt_logprobs=[None] * len(prompts),
+                   lora=self.loras.adapters.get(model))
         job.choices = [_Choice(i, self.metrics.track(len(prompts[i // req.n].token_ids)
                                                      if i % req.n == 0 else 0))
                        for i in range(len(prompts) * req.n)]
@@ -284,7 +303,8 @@ class OpenAIServing:
         streams = [self.engine.generate(
             {"prompt": p.text, "prompt_token_ids": p.token_ids, "mm_inputs": p.mm_inputs},
             params, job.engine_id(i),
-            priority=job.priority, cache_salt=job.cache_salt, output_kind=OutputKind.DELTA)
+            priority=job.priority, cache_salt=job.cache_salt, output_kind=OutputKind.DELTA,
+            lora_request=job.lora)
             for i, (p, params) in enumerate(zip(job.prompts, job.params, strict=True))]
         try:
             async for i, out in _merge(streams):

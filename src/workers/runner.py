@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from enginecore.config import EngineConfig
-from enginecore.protocol import ExecuteStep, MMInput, NewReq, StepResult, TokenLogprobs
+from enginecore.protocol import ExecuteStep, LoRARef, MMInput, NewReq, StepResult, TokenLogprobs
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from sampling.structured import GrammarCompiler, RequestGrammar
@@ -31,6 +31,7 @@ from workers.attention import AttnMetadata, set_forward_context
 from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
+from workers.lora import LoRAManager
 from workers.models import load_model
 from workers.multimodal import MultiModalRunner
 from workers.parallel import SINGLE, TPGroup
@@ -51,6 +52,7 @@ class CachedRequestState:
     mm_inputs: list[MMInput] | None = None  # multimodal items, prompt order
     mrope: np.ndarray | None = None  # M-RoPE prompt positions [3, P] (None: text only)
     mrope_delta: int = 0  # generated token i sits at position i + mrope_delta
+    lora: LoRARef | None = None  # the request's LoRA adapter (None: the base model)
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +82,7 @@ class StepInputs:
     # Multimodal: positions [3, T] when some token's axes differ, placeholder embeddings.
     mrope: np.ndarray | None = None
     mm_embeds: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # requests whose LoRA adapter failed
 
 
 class ModelRunner:
@@ -112,6 +115,10 @@ class ModelRunner:
         self.graphs: CudaGraphs | None = None
         self.mm = (MultiModalRunner(self.model, device)
                    if getattr(self.model, "uses_mrope", False) else None)
+        # Wraps the model's projections; before CUDA-graph capture, so graphs contain the LoRA
+        # kernels.
+        self.lora = LoRAManager(config, self.model, device, dtype, self.buffers.input_ids.shape[0]
+                                ) if config.lora.enable_lora else None
 
     # ------------------------------------------------------------ KV cache
 
@@ -170,7 +177,7 @@ class ModelRunner:
             # Filled on a background thread while this thread launches the forward.
             self.sampler.bitmask.start([r.grammar for r in inputs.sample_reqs], self.device)
         hidden = self._forward(inputs)
-        result = StepResult(step_id=step.step_id, req_ids=[], sampled=[])
+        result = StepResult(step_id=step.step_id, req_ids=[], sampled=[], failed=inputs.failed)
         if inputs.prompt_lp:
             result.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         if inputs.sample_reqs:
@@ -178,6 +185,9 @@ class ModelRunner:
         return result
 
     def _update_states(self, step: ExecuteStep) -> None:
+        for lora_id in step.removed_loras:
+            if self.lora is not None:
+                self.lora.remove(lora_id)
         for req_id in step.finished:
             state = self.requests.pop(req_id, None)
             if state is not None:
@@ -206,7 +216,7 @@ class ModelRunner:
             sampling=new.sampling, num_computed_tokens=new.num_computed_tokens,
             row=self.block_table.add_row(new.block_ids),
             output_token_ids=list(new.output_token_ids), generator=generator, grammar=grammar,
-            mm_inputs=new.mm_inputs, mrope=mrope, mrope_delta=delta)
+            mm_inputs=new.mm_inputs, mrope=mrope, mrope_delta=delta, lora=new.lora)
 
     def _prepare_inputs(self, step: ExecuteStep) -> StepInputs:
         """Stage the step's flat inputs in the host buffers (copied to the device later).
@@ -239,6 +249,8 @@ class ModelRunner:
         max_seq_len = int(end.max())
         num_cols = -(-max_seq_len // self.block_size)
         buf.block_tables[:num_reqs, :num_cols] = bt.table[rows, :num_cols]
+        failed = [] if self.lora is None else \
+            [reqs[i].req_id for i in self.lora.prepare([s.lora for s in reqs], n)]
 
         sample_rows: list[int] = []
         sample_reqs: list[CachedRequestState] = []
@@ -254,7 +266,8 @@ class ModelRunner:
                 prompt_lp.append((state, last - (b - a), a, min(b, num_prompt - 1) - a))
         inputs = StepInputs(num_tokens=num_tokens, num_reqs=num_reqs, num_cols=num_cols,
                             max_query_len=int(n.max()), max_seq_len=max_seq_len,
-                            sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp)
+                            sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp,
+                            failed=failed)
         if self.mm is not None:
             self._prepare_mm(inputs, reqs, start.tolist(), end.tolist(), (cu - n).tolist())
         return inputs
