@@ -34,13 +34,13 @@ from frontend import openai as api
 from frontend.chat import ChatFeatures, ChatPlan, ChoiceParser
 from frontend.cli import ServerConfig
 from frontend.client import AsyncEngine, EngineDeadError
-from frontend.media import MediaConnector, MediaRef, media_parts
 from frontend.lora import (
     LoRAModels,
     LoRARequest,
     load_lora_resolver_plugin,
     parse_lora_modules,
 )
+from frontend.media import MediaConnector, MediaRef, media_parts
 from frontend.metrics import RequestTracker, ServerMetrics
 from frontend.outputs import CompletionOutput, OutputKind, PositionLogprobs, RequestOutput
 from sampling.params import SamplingParams
