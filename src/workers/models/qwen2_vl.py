@@ -32,6 +32,7 @@ from torch import nn
 from kernels.rotary import rotary_embedding, rotary_embedding_ref
 from workers.layers import LayerNorm, Linear, LMHead, RotaryEmbedding, default_weight_loader
 from workers.models.llama import DecoderArgs, DecoderModel, LlamaForCausalLM
+from workers.parallel import SINGLE, TPGroup
 
 
 class MRotaryEmbedding(RotaryEmbedding):
@@ -180,9 +181,12 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     always_qkv_bias = True
     uses_mrope = True
 
-    def __init__(self, hf_config: dict) -> None:
+    def __init__(self, hf_config: dict, tp: TPGroup = SINGLE) -> None:
         nn.Module.__init__(self)
-        self.args = DecoderArgs.from_hf(hf_config, always_qkv_bias=True, qk_norm=False)
+        if tp.size > 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not supported for Qwen2-VL "
+                                      "yet (its vision tower is not sharded)")
+        self.args = DecoderArgs.from_hf(hf_config, always_qkv_bias=True, qk_norm=False, tp=tp)
         section = self.args.rope.get("mrope_section")
         if section is None:
             raise ValueError("config.json: a Qwen2-VL model needs rope mrope_section")
