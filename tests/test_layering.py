@@ -35,13 +35,15 @@ def allowed(module: str, target: str) -> bool:
     if pkg == "workers":
         return (target in LEAVES or tpkg in ("workers", "shm", "kernels", "sampling"))
     if pkg == "frontend":
-        return (tpkg == "frontend" or target in LEAVES or target.startswith("sampling.structured"))
+        return (tpkg == "frontend" or target in LEAVES or target.startswith("sampling.structured")
+                or target == "sampling.logits_processor")
     raise AssertionError(f"unknown package {pkg}")
 
 
 def torch_free(module: str) -> bool:
     pkg = module.split(".")[0]
-    return pkg in ("frontend", "enginecore", "shm") or module == "sampling.params"
+    return (pkg in ("frontend", "enginecore", "shm")
+            or module in ("sampling.params", "sampling.logits_processor"))
 
 
 def imports_of(path: Path) -> list[str]:

@@ -32,6 +32,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     architecture: str = ""
     vocab_size: int = 0
     eos_token_ids: list[int] = []
+    # custom batch-level logits processors, "pkg.module:Class" (plus every one registered under
+    # the "tinyllm.logits_processors" entry-point group)
+    logits_processors: list[str] = []
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -20,11 +20,15 @@ from enginecore.protocol import SchedulerStats
 from frontend.client import AsyncEngine
 from frontend.outputs import OutputKind, RequestOutput
 from frontend.processor import PromptType
+from sampling.logits_processor import processor_fqcn
 from sampling.params import SamplingParams
 
 
 class LLM:
     def __init__(self, model: str, **engine_args: object):
+        if engine_args.get("logits_processors"):  # classes -> "module:Class" names
+            engine_args["logits_processors"] = [
+                processor_fqcn(c) for c in engine_args["logits_processors"]]  # type: ignore
         self.config = EngineConfig.create(model, **engine_args)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,

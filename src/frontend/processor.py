@@ -16,6 +16,7 @@ import msgspec
 from enginecore.config import EngineConfig
 from enginecore.protocol import AddRequest
 from frontend.tokenizer import Tokenizer
+from sampling.logits_processor import LogitsProcessor, load_logits_processors
 from sampling.params import SamplingParams, StructuredOutputsParams
 from sampling.structured import LLTokenizer, load_lltokenizer, validate_structured_outputs
 
@@ -33,6 +34,10 @@ class Processor:
         # The engine's limit: the model's, capped at what the KV cache holds (CoreReady).
         self.max_model_len = config.model.max_model_len
         self._valid_constraints: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        # Custom logits processors check their extra_args here, so bad ones get a 400. Loading
+        # imports the plug-in modules (possibly torch) into this process; only when configured.
+        self.logits_processors: list[type[LogitsProcessor]] = load_logits_processors(
+            config.model.logits_processors)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Return (prompt text if any, prompt token ids)."""
@@ -64,6 +69,11 @@ class Processor:
                              f"[0, {self.vocab_size})")
         params.validate(self.vocab_size)
         self._check_logprobs(params)
+        for cls in self.logits_processors:
+            try:
+                cls.validate_params(params)
+            except Exception as e:  # a plug-in's own error type still becomes a clean 400
+                raise ValueError(f"extra_args: {cls.__name__}: {e}") from None
         if params.structured_outputs is not None:
             params = msgspec.structs.replace(
                 params, structured_outputs=self._structured_outputs(params.structured_outputs))

@@ -19,6 +19,8 @@ import torch
 
 from enginecore.config import EngineConfig
 from enginecore.protocol import ExecuteStep, NewReq, StepResult, TokenLogprobs
+from sampling.batch_logits import BatchLogits
+from sampling.logits_processor import ProcessorContext, load_logits_processors
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from sampling.structured import GrammarCompiler, RequestGrammar
@@ -27,6 +29,7 @@ from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
 from workers.models import load_model
+from workers.persistent_batch import PersistentBatch
 
 _MASK63 = (1 << 63) - 1
 
@@ -84,6 +87,13 @@ class ModelRunner:
         self.grammars = GrammarCompiler(config.model.tokenizer or config.model.model,
                                         config.model.vocab_size, config.model.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
+        # Row order seen by batch-level logits processors (built-in and --logits-processors).
+        self.batch = PersistentBatch()
+        context = ProcessorContext(vocab_size=config.model.vocab_size,
+                                   eos_token_ids=tuple(config.model.eos_token_ids),
+                                   max_num_seqs=config.scheduler.max_num_seqs)
+        self.logits_processors = BatchLogits.create(
+            context, device, load_logits_processors(config.model.logits_processors))
         self.kv_caches: list[torch.Tensor] = []
         sched = config.scheduler
         self.max_blocks_per_req = -(-config.model.max_model_len // self.block_size)
@@ -153,8 +163,12 @@ class ModelRunner:
             state = self.requests.pop(req_id, None)
             if state is not None:
                 self.block_table.free_row(state.row)
+        added = []
         for new in step.new:
-            self.requests[new.req_id] = self._new_state(new)
+            state = self.requests[new.req_id] = self._new_state(new)
+            added.append((state.req_id, state.sampling, state.prompt_token_ids,
+                          state.output_token_ids))
+        self.logits_processors.update_state(self.batch.update(step.finished, added))
         cached = step.cached
         for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
                                                    cached.num_computed_tokens, strict=True):
@@ -239,8 +253,15 @@ class ModelRunner:
                               buf.positions_dev[: inputs.num_tokens])
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
-        reqs = inputs.sample_reqs
-        rows = torch.tensor(inputs.sample_rows, dtype=torch.int64, device=self.device)
+        # Sampling rows in persistent-batch order: when every live request samples, the logits
+        # rows are the batch-level processors' rows as they are (no scatter).
+        index = self.batch.index
+        order = sorted(range(len(inputs.sample_reqs)),
+                       key=lambda i: index[inputs.sample_reqs[i].req_id])
+        reqs = [inputs.sample_reqs[i] for i in order]
+        self.logits_processors.set_step_rows([index[r.req_id] for r in reqs])
+        rows = torch.tensor([inputs.sample_rows[i] for i in order], dtype=torch.int64,
+                            device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32
         batch = SamplingBatch(
             params=[r.sampling for r in reqs],
@@ -248,7 +269,7 @@ class ModelRunner:
             output_token_ids=[r.output_token_ids for r in reqs],
             generators=[r.generator for r in reqs],
             grammars=[r.grammar for r in reqs] if any(r.grammar is not None for r in reqs)
-            else None)
+            else None, logits_processors=self.logits_processors)
         for r in reqs:
             if r.generator is not None:
                 # Re-seed from (seed, output position): seeded output then depends on nothing
