@@ -178,7 +178,8 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
     bad_words: list[str] | None = None
     priority: int = 0
     cache_salt: str | None = None
-    vllm_xargs: dict[str, Any] | None = None
+    # custom arguments for logits processors: str, int, float or lists of these
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
     structured_outputs: StructuredOutputsParams | None = None
     # Deprecated spellings of structured_outputs.{json, regex, choice, grammar}.
     guided_json: str | dict | None = None

@@ -195,3 +195,20 @@ def test_validate_params_rejects_bad_extra_args():
     with pytest.raises(ValueError, match="target_token"):
         TargetTokenLogitsProcessor.validate_params(
             SamplingParams(extra_args={"target_token": "x"}))
+
+
+def test_vllm_xargs_become_extra_args_and_only_take_scalars_or_lists():
+    import msgspec
+
+    from frontend import openai as api
+
+    for cls in (api.CompletionRequest, api.ChatCompletionRequest):
+        body = {"prompt": "x"} if cls is api.CompletionRequest else {
+            "messages": [{"role": "user", "content": "x"}]}
+        req = msgspec.json.decode(msgspec.json.encode(
+            {**body, "model": "m", "vllm_xargs": {"target_token": 3, "w": [1.5, "a"]}}), type=cls)
+        assert req.to_sampling_params(default_max_tokens=4).extra_args == {
+            "target_token": 3, "w": [1.5, "a"]}
+        with pytest.raises(msgspec.ValidationError, match="vllm_xargs"):
+            msgspec.json.decode(msgspec.json.encode(
+                {**body, "model": "m", "vllm_xargs": {"a": {"nested": 1}}}), type=cls)
