@@ -35,6 +35,11 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     # custom batch-level logits processors, "pkg.module:Class" (plus every one registered under
     # the "tinyllm.logits_processors" entry-point group)
     logits_processors: list[str] = []
+    # allow sleep()/wake_up(): release the weights' and KV cache's device memory on demand
+    enable_sleep_mode: bool = False
+    # outputs bitwise independent of batch size and order (fixed reduction orders; slower);
+    # also on with TLS_BATCH_INVARIANT=1
+    batch_invariant: bool = False
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,7 +119,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                              f"max_position_embeddings={info['max_position_embeddings']}")
         model = msgspec.structs.replace(
             self.model, max_model_len=max_len, architecture=info["architecture"],
-            vocab_size=info["vocab_size"], eos_token_ids=info["eos_token_ids"])
+            vocab_size=info["vocab_size"], eos_token_ids=info["eos_token_ids"],
+            batch_invariant=self.model.batch_invariant or Env.BATCH_INVARIANT)
         cfg = msgspec.structs.replace(self, model=model)
         cfg.validate()
         return cfg
@@ -201,3 +207,5 @@ class Env:
     CACHE_DIR = os.environ.get("TLS_CACHE_DIR", str(Path.home() / ".cache" / "tinyllm-serve"))
     # Log level for every process.
     LOG_LEVEL = os.environ.get("TLS_LOG_LEVEL", "INFO")
+    # vLLM's VLLM_BATCH_INVARIANT: turn on ModelConfig.batch_invariant.
+    BATCH_INVARIANT = os.environ.get("TLS_BATCH_INVARIANT", "0") not in ("", "0", "false")

@@ -27,8 +27,11 @@ from enginecore.protocol import (
     InitKVCache,
     MemoryReport,
     ProfileMemory,
+    ReloadWeights,
     Shutdown,
+    Sleep,
     StepResult,
+    WakeUp,
     WorkerError,
     encode,
     worker_output_decoder,
@@ -129,6 +132,25 @@ class Executor:
     def init_kv_cache(self, num_blocks: int) -> None:
         self._send(InitKVCache(call_id=next(self._call_ids), num_blocks=num_blocks))
         assert isinstance(self._recv(timeout=_STARTUP_TIMEOUT_S), ControlResult)
+
+    def call(self, msg: Sleep | WakeUp | ReloadWeights) -> ControlResult:
+        """Send a sleep-mode call to every worker and wait for rank 0's answer.
+
+        Only between steps: results of steps in flight would come first."""
+        assert not self._pending_steps, "sleep-mode calls need an idle engine"
+        self._send(msg)
+        result = self._recv(timeout=_STARTUP_TIMEOUT_S)
+        assert isinstance(result, ControlResult), result
+        return result
+
+    def sleep(self, level: int) -> ControlResult:
+        return self.call(Sleep(call_id=next(self._call_ids), level=level))
+
+    def wake_up(self, tags: list[str]) -> ControlResult:
+        return self.call(WakeUp(call_id=next(self._call_ids), tags=tags))
+
+    def reload_weights(self, path: str) -> ControlResult:
+        return self.call(ReloadWeights(call_id=next(self._call_ids), path=path))
 
     def shutdown(self) -> None:
         """Ask workers to exit; kill the ones that do not within the peer timeout."""

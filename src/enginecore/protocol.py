@@ -40,9 +40,14 @@ class Control(msgspec.Struct, tag="control", array_like=True, omit_defaults=True
     call_id: int
     op: str  # one of CONTROL_OPS
     client_index: int = 0
+    level: int = 1  # sleep: 1 offloads weights to host memory, 2 discards them
+    tags: list[str] | None = None  # wake_up: parts to wake (SLEEP_TAGS); None: all
+    path: str | None = None  # reload_weights: checkpoint directory (None: the served model)
 
 
-CONTROL_OPS = ("reset_prefix_cache", "get_stats", "ping", "shutdown")
+CONTROL_OPS = ("reset_prefix_cache", "get_stats", "ping", "shutdown",
+               "sleep", "wake_up", "is_sleeping", "reload_weights")
+SLEEP_TAGS = ("weights", "kv_cache")
 
 CoreInput = AddRequest | Abort | Control
 
@@ -159,8 +164,28 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     call_id: int
 
 
-WorkerControl = InitKVCache | ProfileMemory | Shutdown
-WorkerInput = ExecuteStep | InitKVCache | ProfileMemory | Shutdown
+class Sleep(msgspec.Struct, tag="sleep", array_like=True):
+    """Sleep mode: drop the KV cache; level 1 offloads the weights to host memory, 2 drops them."""
+
+    call_id: int
+    level: int
+
+
+class WakeUp(msgspec.Struct, tag="wake_up", array_like=True):
+    call_id: int
+    tags: list[str]  # subset of SLEEP_TAGS
+
+
+class ReloadWeights(msgspec.Struct, tag="reload_weights", array_like=True):
+    """Load the weights again from a checkpoint directory (after a level-2 sleep, or updated)."""
+
+    call_id: int
+    path: str
+
+
+WorkerControl = InitKVCache | ProfileMemory | Shutdown | Sleep | WakeUp | ReloadWeights
+WorkerInput = (ExecuteStep | InitKVCache | ProfileMemory | Shutdown | Sleep | WakeUp
+               | ReloadWeights)
 
 # ---------------------------------------------------------------- workers -> engine core
 

@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import zmq
@@ -234,14 +235,36 @@ class AsyncEngine:
         if ids:
             self._send(Abort(request_ids=ids))
 
-    async def _control(self, op: str, timeout: float = 30.0):
+    async def _control(self, op: str, timeout: float = 30.0, **fields: Any):
         if self.dead:
             raise EngineDeadError(self.dead)
         call_id = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
         self._calls[call_id] = fut
-        self._send(Control(call_id=call_id, op=op, client_index=self.client_index))
+        self._send(Control(call_id=call_id, op=op, client_index=self.client_index, **fields))
         return await asyncio.wait_for(fut, timeout)
+
+    async def _checked_control(self, op: str, **fields: Any):
+        result = await self._control(op, timeout=600.0, **fields)  # offload/reload take a while
+        if not result.ok:
+            raise ValueError(result.error)
+        return result
+
+    async def sleep(self, level: int = 1) -> None:
+        """Sleep mode: release weights (level 1: to host memory, 2: discarded) and KV cache."""
+        await self._checked_control("sleep", level=level)
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        """Wake the named parts ("weights", "kv_cache"; default all)."""
+        await self._checked_control("wake_up", tags=tags)
+
+    async def is_sleeping(self) -> bool:
+        """True until every part is awake."""
+        return bool((await self._checked_control("is_sleeping")).value)
+
+    async def reload_weights(self, path: str | None = None) -> None:
+        """Load the weights again (after a level-2 sleep, or new ones of the same shapes)."""
+        await self._checked_control("reload_weights", path=path)
 
     async def reset_prefix_cache(self) -> bool:
         return bool((await self._control("reset_prefix_cache")).value)

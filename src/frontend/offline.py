@@ -93,6 +93,22 @@ class LLM:
     def reset_prefix_cache(self) -> bool:
         return self._run(self.engine.reset_prefix_cache())
 
+    def sleep(self, level: int = 1) -> None:
+        """Release device memory: level 1 offloads the weights to host memory, 2 drops them;
+        both drop the KV cache (needs enable_sleep_mode=True)."""
+        self._run(self.engine.sleep(level))
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Wake "weights" and/or "kv_cache" (default both)."""
+        self._run(self.engine.wake_up(tags))
+
+    def is_sleeping(self) -> bool:
+        return self._run(self.engine.is_sleeping())
+
+    def reload_weights(self, path: str | None = None) -> None:
+        """Load the weights again from `path` (default: the model directory)."""
+        self._run(self.engine.reload_weights(path))
+
     def shutdown(self) -> None:
         if self._loop.is_running():
             self._run(self.engine.shutdown())

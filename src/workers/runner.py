@@ -28,6 +28,7 @@ from workers.attention import AttnMetadata, set_forward_context
 from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
+from workers.loader import load_weights
 from workers.models import load_model
 from workers.persistent_batch import PersistentBatch
 
@@ -103,6 +104,7 @@ class ModelRunner:
         self.buffers = InputBuffers(max(sched.max_num_batched_tokens, sched.max_num_seqs),
                                     sched.max_num_seqs, self.max_blocks_per_req, device)
         self.graphs: CudaGraphs | None = None
+        self.num_blocks = 0
 
     # ------------------------------------------------------------ KV cache
 
@@ -111,14 +113,24 @@ class ModelRunner:
         elems = int(np.prod(shape))
         return elems * torch.empty((), dtype=self.dtype).element_size() * self.model.num_layers
 
-    def init_kv_cache(self, num_blocks: int) -> None:
+    def init_kv_cache(self, num_blocks: int, capture: bool = True) -> None:
         shape = self.model.kv_cache_shape(num_blocks, self.block_size)
+        self.num_blocks = num_blocks
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.model.num_layers)]
         self.model.bind_kv_cache(self.kv_caches)
+        if capture:
+            self.capture_graphs()
+
+    def capture_graphs(self) -> None:
+        """Capture the decode CUDA graphs (CUDA, not enforce_eager); needs weights and cache."""
         if self.device.type == "cuda" and not self.config.model.enforce_eager:
             self.graphs = CudaGraphs(self.model, self.buffers, self.config.scheduler.max_num_seqs)
             self.graphs.capture()
+
+    def reload_weights(self, path: str) -> None:
+        """Load every parameter again from the checkpoint at `path` (same architecture)."""
+        load_weights(self.model, path)
 
     @torch.inference_mode()
     def profile_run(self) -> None:
