@@ -78,3 +78,22 @@ def test_sleep_needs_the_flag(tiny_model_dir):
     with LLM(tiny_model_dir, max_num_seqs=2) as plain:
         with pytest.raises(ValueError, match="enable-sleep-mode"):
             plain.sleep()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_sleep_releases_device_memory(tiny_model_dir):
+    """GPU: the worker's device memory really goes (mem_get_info is device-wide, so this
+    process sees the worker's usage), and outputs after waking are identical."""
+    import torch
+
+    with LLM(tiny_model_dir, enable_sleep_mode=True, gpu_memory_utilization=0.5) as llm:
+        before = tokens(llm)
+        awake_free = torch.cuda.mem_get_info()[0]
+        llm.sleep(level=1)
+        asleep_free = torch.cuda.mem_get_info()[0]
+        # The KV cache took about half the card: most of it must come back.
+        total = torch.cuda.mem_get_info()[1]
+        assert asleep_free - awake_free > 0.3 * total, (awake_free, asleep_free)
+        llm.wake_up()
+        assert torch.cuda.mem_get_info()[0] < asleep_free - 0.3 * total
+        assert tokens(llm) == before

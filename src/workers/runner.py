@@ -82,6 +82,10 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.cache.block_size
         self.model = load_model(config.model.model, dtype, device, config.model.load_format)
+        if config.model.batch_invariant:  # layers that have a batch-invariant path switch to it
+            for module in self.model.modules():
+                if hasattr(module, "batch_invariant"):
+                    module.batch_invariant = True
         self.sampler = Sampler(config.model.vocab_size, config.model.eos_token_ids)
         # Matchers live here, not in the engine core: with async scheduling only the workers
         # know a step's sampled token before the next step runs.
