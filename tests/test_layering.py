@@ -40,7 +40,14 @@ def allowed(module: str, target: str) -> bool:
     raise AssertionError(f"unknown package {pkg}")
 
 
+# Frontend modules allowed a function-local torch import, used only on request: decoding
+# `prompt_embeds` needs torch.load (the subprocess test below still checks startup is torch-free).
+LAZY_TORCH = {"frontend.prompt_embeds"}
+
+
 def torch_free(module: str) -> bool:
+    if module in LAZY_TORCH:
+        return False
     pkg = module.split(".")[0]
     return (pkg in ("frontend", "enginecore", "shm")
             or module in ("sampling.params", "sampling.logits_processor"))

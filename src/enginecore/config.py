@@ -40,6 +40,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     # outputs bitwise independent of batch size and order (fixed reduction orders; slower);
     # also on with TLS_BATCH_INVARIANT=1
     batch_invariant: bool = False
+    # accept prompts given as embeddings (`prompt_embeds`); trusted clients only
+    enable_prompt_embeds: bool = False
+    hidden_size: int = 0  # derived from the checkpoint (prompt_embeds width)
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,6 +123,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         model = msgspec.structs.replace(
             self.model, max_model_len=max_len, architecture=info["architecture"],
             vocab_size=info["vocab_size"], eos_token_ids=info["eos_token_ids"],
+            hidden_size=info["hidden_size"],
             batch_invariant=self.model.batch_invariant or Env.BATCH_INVARIANT)
         cfg = msgspec.structs.replace(self, model=model)
         cfg.validate()
@@ -193,6 +197,7 @@ def read_checkpoint_info(model_dir: str) -> dict:
     return {
         "architecture": (hf.get("architectures") or [""])[0],
         "vocab_size": int(text_cfg["vocab_size"]),
+        "hidden_size": int(text_cfg.get("hidden_size", 0)),
         "max_position_embeddings": int(text_cfg.get("max_position_embeddings", 2048)),
         "eos_token_ids": eos,
     }

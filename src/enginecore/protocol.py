@@ -20,6 +20,19 @@ from sampling.params import SamplingParams
 # ---------------------------------------------------------------- frontend -> engine core
 
 
+class PromptEmbeds(msgspec.Struct, array_like=True, gc=False):
+    """A prompt given as embeddings (`--enable-prompt-embeds`): raw bytes, no pickle.
+
+    The request's prompt_token_ids are placeholders (one per row); workers feed these rows to
+    the decoder instead of embedding the placeholders.
+    """
+
+    data: bytes  # row-major [shape[0], shape[1]] values of `dtype`
+    dtype: str  # float32 | float16 | bfloat16
+    shape: list[int]  # [num_prompt_tokens, hidden_size]
+    hash: str  # sha256 of dtype, shape and data: the prefix-cache key of these rows
+
+
 class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True, gc=False):
     request_id: str
     prompt_token_ids: list[int]
@@ -28,6 +41,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True,
     arrival_time: float = 0.0
     priority: int = 0  # lower runs first under the "priority" policy
     cache_salt: str | None = None
+    prompt_embeds: PromptEmbeds | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True, gc=False):
@@ -128,6 +142,7 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     num_computed_tokens: int
     # Tokens already generated: non-empty only when resuming after preemption by recompute.
     output_token_ids: list[int] = []
+    prompt_embeds: PromptEmbeds | None = None
 
 
 class CachedReqs(msgspec.Struct, array_like=True, gc=False):

@@ -52,7 +52,7 @@ class Request:
         "request_id", "client_index", "prompt_token_ids", "output_token_ids", "all_token_ids",
         "sampling", "priority", "arrival_time", "cache_salt", "status", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "num_prompt_logprobs_sent",
-        "num_output_placeholders",
+        "num_output_placeholders", "prompt_embeds",
     )
 
     def __init__(self, add: AddRequest) -> None:
@@ -66,6 +66,7 @@ class Request:
         self.priority = add.priority
         self.arrival_time = add.arrival_time
         self.cache_salt = add.cache_salt
+        self.prompt_embeds = add.prompt_embeds  # PromptEmbeds | None
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         # Tokens sampled by steps in flight whose ids update() has not seen yet.
@@ -107,8 +108,12 @@ class Request:
         # The salt enters block 0 only: hashes are chained, so it reaches every later block, and
         # two different salts never share a single block. LoRA ids and multimodal content hashes
         # (for blocks overlapping an item) belong here too.
-        if block_index == 0 and self.cache_salt is not None:
-            return (self.cache_salt,)
+        # Embedding prompts: their placeholder ids say nothing, the embeddings' hash does.
+        if block_index == 0:
+            keys = (self.cache_salt,) if self.cache_salt is not None else ()
+            if self.prompt_embeds is not None:
+                keys += (self.prompt_embeds.hash,)
+            return keys
         return ()
 
     def check_stop(self, eos_token_ids: frozenset[int] | set[int],

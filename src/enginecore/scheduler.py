@@ -287,7 +287,8 @@ class Scheduler:
                     req_id, request.prompt_token_ids, request.sampling,
                     block_ids=self.kv.block_ids(req_id),
                     num_computed_tokens=request.num_computed_tokens,
-                    output_token_ids=list(request.output_token_ids)))
+                    output_token_ids=list(request.output_token_ids),
+                    prompt_embeds=request.prompt_embeds))
             else:
                 cached.req_ids.append(req_id)
                 cached.new_block_ids.append(plan.new_block_ids[req_id])

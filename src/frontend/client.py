@@ -31,6 +31,7 @@ from enginecore.protocol import (
     Control,
     CoreReady,
     EngineOutputs,
+    PromptEmbeds,
     SchedulerStats,
     TokenDelta,
     core_output_decoder,
@@ -188,9 +189,12 @@ class AsyncEngine:
             raise EngineDeadError(self.dead)
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
+        embeds = self.processor.prompt_embeds(prompt)
+        if embeds is not None:  # a tensor is converted once, here
+            prompt = {"prompt_embeds": embeds}
         text, prompt_ids = self.processor.tokenize_prompt(prompt)
         parent = ParentRequest(request_id, text, prompt_ids, params.n, output_kind)
-        child_ids = self._add(parent, params, priority, cache_salt)
+        child_ids = self._add(parent, params, priority, cache_salt, embeds)
         try:
             while True:
                 item = await parent.queue.get()
@@ -207,7 +211,7 @@ class AsyncEngine:
                 self._send(Abort(request_ids=alive))
 
     def _add(self, parent: ParentRequest, params: SamplingParams, priority: int,
-             cache_salt: str | None) -> list[str]:
+             cache_salt: str | None, prompt_embeds: PromptEmbeds | None = None) -> list[str]:
         """Fan out n > 1 into n engine requests (distinct seeds), validated before any is sent."""
         n = params.n
         child_ids = [parent.request_id] if n == 1 else \
@@ -220,7 +224,7 @@ class AsyncEngine:
                 raise ValueError(f"request_id {child_id!r} is already in use")
             requests.append(self.processor.make_request(
                 child_id, parent.prompt_token_ids, child, client_index=self.client_index,
-                priority=priority, cache_salt=cache_salt))
+                priority=priority, cache_salt=cache_salt, prompt_embeds=prompt_embeds))
         for i, req in enumerate(requests):
             self.states[req.request_id] = RequestState(parent, i, self.tokenizer, req.sampling)
             self._send(req)

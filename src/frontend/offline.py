@@ -79,9 +79,14 @@ class LLM:
             # Validate everything before any request runs: a bad prompt fails the whole call.
             tokenized = []
             for prompt, sp in zip(prompts, params, strict=True):
-                text, token_ids = self.engine.processor.tokenize_prompt(prompt)
-                self.engine.processor.make_request("validate", token_ids, sp)
-                tokenized.append({"prompt": text, "prompt_token_ids": token_ids})
+                processor = self.engine.processor
+                embeds = processor.prompt_embeds(prompt)
+                if embeds is not None:  # convert the tensor once
+                    prompt = {"prompt_embeds": embeds}
+                text, token_ids = processor.tokenize_prompt(prompt)
+                processor.make_request("validate", token_ids, sp, prompt_embeds=embeds)
+                tokenized.append({"prompt": text, "prompt_token_ids": token_ids}
+                                 if embeds is None else prompt)
             jobs = (one(*a) for a in zip(ids, tokenized, params, prios, strict=True))
             return list(await asyncio.gather(*jobs))
         finally:

@@ -14,7 +14,8 @@ from typing import Any
 import msgspec
 
 from enginecore.config import EngineConfig
-from enginecore.protocol import AddRequest
+from enginecore.protocol import AddRequest, PromptEmbeds
+from frontend.prompt_embeds import FLAG_OFF, tensor_to_prompt_embeds
 from frontend.tokenizer import Tokenizer
 from sampling.logits_processor import LogitsProcessor, load_logits_processors
 from sampling.params import SamplingParams, StructuredOutputsParams
@@ -40,10 +41,14 @@ class Processor:
             config.model.logits_processors)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """Return (prompt text if any, prompt token ids)."""
+        """Return (prompt text if any, prompt token ids); placeholders for embedding prompts."""
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
+            if prompt.get("prompt_embeds") is not None:
+                embeds = self.prompt_embeds(prompt)
+                assert embeds is not None
+                return None, [0] * embeds.shape[0]
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
@@ -53,13 +58,31 @@ class Processor:
             return None, list(prompt)
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
 
+    def prompt_embeds(self, prompt: PromptType) -> PromptEmbeds | None:
+        """The prompt's embeddings ({"prompt_embeds": tensor or PromptEmbeds}), else None."""
+        if not isinstance(prompt, dict) or prompt.get("prompt_embeds") is None:
+            return None
+        if not self.config.model.enable_prompt_embeds:
+            raise ValueError(FLAG_OFF)
+        embeds = prompt["prompt_embeds"]
+        if isinstance(embeds, PromptEmbeds):
+            return embeds
+        return tensor_to_prompt_embeds(embeds, self.config.model.hidden_size)
+
     def make_request(self, request_id: str, prompt_token_ids: list[int],
                      params: SamplingParams, *, client_index: int = 0, priority: int = 0,
-                     cache_salt: str | None = None) -> AddRequest:
+                     cache_salt: str | None = None,
+                     prompt_embeds: PromptEmbeds | None = None) -> AddRequest:
         """Validate and build the engine request; `params.n` must already be 1."""
         max_len = self.max_model_len
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
+        if prompt_embeds is not None:
+            if not self.config.model.enable_prompt_embeds:
+                raise ValueError(FLAG_OFF)
+            if params.prompt_logprobs is not None:
+                raise ValueError("prompt_logprobs: not available for prompt_embeds prompts")
+            assert prompt_embeds.shape[0] == len(prompt_token_ids)
         if len(prompt_token_ids) >= max_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the model's "
                              f"max_model_len is {max_len} (prompt plus at least one new token)")
@@ -82,7 +105,7 @@ class Processor:
                 params, bad_words_token_ids=self._bad_words_ids(params.bad_words))
         return AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                           sampling=params, client_index=client_index, arrival_time=time.time(),
-                          priority=priority, cache_salt=cache_salt)
+                          priority=priority, cache_salt=cache_salt, prompt_embeds=prompt_embeds)
 
     def _check_logprobs(self, params: SamplingParams) -> None:
         """`--max-logprobs` caps the top-k a request may ask for (each costs a row of output)."""

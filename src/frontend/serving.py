@@ -29,12 +29,14 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from enginecore.protocol import PromptEmbeds
 from frontend import openai as api
 from frontend.chat import ChatFeatures, ChatPlan, ChoiceParser
 from frontend.cli import ServerConfig
 from frontend.client import AsyncEngine, EngineDeadError
 from frontend.metrics import RequestTracker, ServerMetrics
 from frontend.outputs import CompletionOutput, OutputKind, PositionLogprobs, RequestOutput
+from frontend.prompt_embeds import FLAG_OFF, decode_prompt_embeds
 from sampling.params import SamplingParams
 
 logger = logging.getLogger("frontend.serving")
@@ -57,6 +59,7 @@ class _Prompt:
     text: str | None
     token_ids: list[int]
     echo: str = ""  # prepended to every choice's text when the request echoes
+    embeds: PromptEmbeds | None = None  # an embedding prompt (token_ids are placeholders)
 
 
 @dataclass
@@ -146,7 +149,7 @@ class OpenAIServing:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/completions."""
         req = api.completion_request_decoder.decode(await request.read())
-        prompts = []
+        prompts = self._embeds_prompts(req)  # vLLM's order: embedding prompts first
         for p in req.prompts():
             if isinstance(p, str):
                 ids = self.tokenizer.encode(p, add_special_tokens=req.add_special_tokens)
@@ -157,6 +160,22 @@ class OpenAIServing:
         job = self._make_job(req, prompts, chat=False)
         job.echo_logprobs = req.echo and req.logprobs is not None
         return await self._respond(request, job)
+
+    def _embeds_prompts(self, req: api.CompletionRequest) -> list[_Prompt]:
+        """Decode `prompt_embeds` (base64 torch.save'd tensors) into placeholder prompts."""
+        if req.prompt_embeds is None:
+            return []
+        model = self.engine.config.model
+        if not model.enable_prompt_embeds:
+            raise APIError(400, FLAG_OFF, "prompt_embeds")
+        if req.echo:
+            raise APIError(400, "echo: not available with prompt_embeds", "echo")
+        encoded = [req.prompt_embeds] if isinstance(req.prompt_embeds, str) else req.prompt_embeds
+        prompts = []
+        for item in encoded:
+            embeds = decode_prompt_embeds(item, model.hidden_size)
+            prompts.append(_Prompt(None, [0] * embeds.shape[0], "", embeds))
+        return prompts
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
@@ -241,7 +260,8 @@ class OpenAIServing:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. You "
                            f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in "
                            f"the {where}, {params.max_tokens} for the completion).", "max_tokens")
-        self.engine.processor.make_request("validate", prompt.token_ids, params)
+        self.engine.processor.make_request("validate", prompt.token_ids, params,
+                                           prompt_embeds=prompt.embeds)
         return params
 
     def _log_request(self, job: _Job) -> None:
@@ -267,7 +287,8 @@ class OpenAIServing:
     async def _outputs(self, job: _Job) -> AsyncIterator[tuple[_Choice, CompletionOutput]]:
         """Run the job's engine requests; yield (choice, its delta) as outputs arrive."""
         streams = [self.engine.generate(
-            {"prompt": p.text, "prompt_token_ids": p.token_ids}, params, job.engine_id(i),
+            {"prompt": p.text, "prompt_token_ids": p.token_ids} if p.embeds is None
+            else {"prompt_embeds": p.embeds}, params, job.engine_id(i),
             priority=job.priority, cache_salt=job.cache_salt, output_kind=OutputKind.DELTA)
             for i, (p, params) in enumerate(zip(job.prompts, job.params, strict=True))]
         try:

@@ -45,6 +45,7 @@ class CachedRequestState:
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     grammar: RequestGrammar | None = None  # structured outputs: this request's matcher
+    prompt_embeds: torch.Tensor | None = None  # [L, H]: decoder inputs of prompt positions < L
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +72,8 @@ class StepInputs:
     sample_reqs: list[CachedRequestState]
     # Prompt-logprob requests: (state, first token index in T, first position, count of rows)
     prompt_lp: list[tuple[CachedRequestState, int, int, int]]
+    # Prompt-embedding rows: (first token index in T, rows [n, H]) replacing the embedded ids
+    embeds: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -200,8 +203,13 @@ class ModelRunner:
         # Compiles in a thread pool; only the first sample of this request waits for it.
         grammar = None if structured is None else self.grammars.compile(
             structured, new.output_token_ids, new.prompt_token_ids)
+        embeds = None
+        if new.prompt_embeds is not None:
+            e = new.prompt_embeds
+            embeds = torch.frombuffer(bytearray(e.data), dtype=getattr(torch, e.dtype)).view(
+                *e.shape).to(self.device, self.dtype)
         return CachedRequestState(
-            req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
+            prompt_embeds=embeds, req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
             sampling=new.sampling, num_computed_tokens=new.num_computed_tokens,
             row=self.block_table.add_row(new.block_ids),
             output_token_ids=list(new.output_token_ids), generator=generator, grammar=grammar)
@@ -241,32 +249,41 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_reqs: list[CachedRequestState] = []
         prompt_lp: list[tuple[CachedRequestState, int, int, int]] = []
+        embeds: list[tuple[int, torch.Tensor]] = []
         for state, a, b, last in zip(reqs, start.tolist(), end.tolist(), cu.tolist(),
                                      strict=True):
             if b == state.num_tokens:
                 sample_rows.append(last - 1)
                 sample_reqs.append(state)
             num_prompt = len(state.prompt_token_ids)
+            if state.prompt_embeds is not None and a < num_prompt:
+                embeds.append((last - (b - a), state.prompt_embeds[a: min(b, num_prompt)]))
             if state.sampling.prompt_logprobs is not None and a < num_prompt - 1:
                 # Position p's logits score prompt token p + 1.
                 prompt_lp.append((state, last - (b - a), a, min(b, num_prompt - 1) - a))
         return StepInputs(num_tokens=num_tokens, num_reqs=num_reqs, num_cols=num_cols,
                           max_query_len=int(n.max()), max_seq_len=max_seq_len,
-                          sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp)
+                          sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp,
+                          embeds=embeds)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H]: replayed from a CUDA graph for decode steps, else eager."""
         buf = self.buffers
-        if self.graphs is not None and inputs.max_query_len == 1:
+        if self.graphs is not None and inputs.max_query_len == 1 and not inputs.embeds:
             size = self.graphs.bucket(inputs.num_reqs)
             if size is not None:
                 return self.graphs.replay(inputs.num_reqs, inputs.num_cols, size)
         buf.copy_to_device(inputs.num_tokens, inputs.num_reqs, inputs.num_cols)
         meta = buf.metadata(inputs.num_tokens, inputs.num_reqs, inputs.num_cols,
                             inputs.max_query_len, inputs.max_seq_len)
+        ids = buf.input_ids_dev[: inputs.num_tokens]
+        inputs_embeds = None
+        if inputs.embeds:  # prompt embeddings replace the placeholder ids' embedding rows
+            inputs_embeds = self.model.embed_input_ids(ids)
+            for offset, rows in inputs.embeds:
+                inputs_embeds[offset: offset + rows.shape[0]] = rows
         with set_forward_context(meta):
-            return self.model(buf.input_ids_dev[: inputs.num_tokens],
-                              buf.positions_dev[: inputs.num_tokens])
+            return self.model(ids, buf.positions_dev[: inputs.num_tokens], inputs_embeds)
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
         # Sampling rows in persistent-batch order: when every live request samples, the logits
