@@ -71,6 +71,8 @@ class BatchLogits:
     def apply(self, logits: Tensor, argmax_invariant: bool) -> None:
         """Run one group of processors on the sampling rows' `logits` [N, V], in place."""
         group = self.invariant if argmax_invariant else self.non_invariant
+        # Idle built-ins are skipped (no scatter for nothing); custom processors always run.
+        group = [p for p in group if getattr(p, "in_use", True)]
         if not group:
             return
         rows = self.batch_rows

@@ -255,6 +255,11 @@ class MinTokensLogitsProcessor(LogitsProcessor):
         """Bans can remove the argmax."""
         return False
 
+    @property
+    def in_use(self) -> bool:
+        """Whether any row has min_tokens (BatchLogits skips idle built-ins)."""
+        return bool(self._rows)
+
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         """Track rows whose min_tokens is set."""
         eos = list(self.config.eos_token_ids)
@@ -290,6 +295,11 @@ class LogitBiasLogitsProcessor(LogitsProcessor):
     def is_argmax_invariant(self) -> bool:
         """Biases can change the argmax."""
         return False
+
+    @property
+    def in_use(self) -> bool:
+        """Whether any row has a logit_bias."""
+        return bool(self._rows)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         """Track rows with a non-empty logit_bias."""
@@ -328,6 +338,11 @@ class MinPLogitsProcessor(LogitsProcessor):
     def is_argmax_invariant(self) -> bool:
         """The top token always survives."""
         return True
+
+    @property
+    def in_use(self) -> bool:
+        """Whether any row has min_p."""
+        return bool(self._rows)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         """Track rows with min_p > 0 (greedy rows never sample, so they are left out)."""
