@@ -44,9 +44,11 @@ class SleepMode:
         model.bind_kv_cache([empty] * model.num_layers)
         pin = runner.device.type == "cuda"
         for name, param in model.named_parameters():
-            if level == 1:
-                host = param.data.to("cpu", copy=pin)  # CPU runs: keep the tensor itself
-                self._weights[name] = host.pin_memory() if pin else host
+            if level == 1 and pin:  # one device -> pinned host copy
+                host = torch.empty(param.shape, dtype=param.dtype, pin_memory=True)
+                self._weights[name] = host.copy_(param.data)
+            elif level == 1:  # CPU runs: "offloading" keeps the tensor itself
+                self._weights[name] = param.data
             else:
                 self._weights[name] = torch.empty(param.shape, dtype=param.dtype, device="meta")
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
