@@ -92,3 +92,16 @@ def test_decode_prompt_embeds():
     with pytest.raises(ValueError, match="2-D"):
         decode_prompt_embeds(saved(torch.zeros(2, 3, 4, 6)), 6)
     assert FLAG_OFF.startswith("You must set `--enable-prompt-embeds`")
+
+
+def test_prompt_embeds_cross_processes_as_plain_msgpack():
+    import msgspec
+
+    from enginecore.protocol import AddRequest, NewReq, core_input_decoder, encode
+
+    embeds = tensor_to_prompt_embeds(torch.randn(3, 4), 4)
+    add = AddRequest(request_id="r", prompt_token_ids=[0, 0, 0], sampling=SamplingParams(),
+                     prompt_embeds=embeds)
+    assert core_input_decoder.decode(encode(add)) == add
+    new = NewReq("r", [0, 0, 0], SamplingParams(), [1], 0, prompt_embeds=embeds)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(new), type=NewReq) == new
