@@ -56,21 +56,40 @@ def test_env_var_turns_it_on(tiny_model_dir):
         assert out == want, json.dumps([value, out])
 
 
+# CPU tensors run in the Triton interpreter, CUDA tensors compiled (TRITON_INTERPRET=0).
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else (
+    "cuda" if torch.cuda.is_available() else None)
+
+
+@pytest.mark.skipif(DEVICE is None, reason="needs the interpreter or a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_batch_invariant_linear_matches_ref_and_rows_ignore_the_batch(dtype, bias):
     torch.manual_seed(0)
-    x = torch.randn(19, 32, dtype=dtype)
-    w = torch.randn(24, 32, dtype=dtype) / 5
-    b = torch.randn(24, dtype=dtype) if bias else None
+    x = torch.randn(19, 32, dtype=dtype, device=DEVICE)
+    w = torch.randn(24, 32, dtype=dtype, device=DEVICE) / 5
+    b = torch.randn(24, dtype=dtype, device=DEVICE) if bias else None
     ref = batch_invariant_linear_ref(x.float(), w.float(), None if b is None else b.float())
     got = batch_invariant_linear(x, w, b)  # Triton, interpreted on CPU (conftest)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
     for rows in (slice(0, 1), slice(5, 6), slice(3, 17)):  # a row's value ignores its batch
         assert torch.equal(batch_invariant_linear(x[rows], w, b), got[rows])
         assert torch.equal(batch_invariant_linear_ref(x[rows], w, b),
                            batch_invariant_linear_ref(x, w, b)[rows])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or DEVICE != "cuda", reason="needs CUDA")
+def test_cuda_batch_invariant_linear_at_model_shapes():
+    """bf16 [T, 1024] x [3072, 1024]: a row's output is bitwise the same for T = 1 .. 700."""
+    torch.manual_seed(0)
+    x = torch.randn(700, 1024, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(3072, 1024, dtype=torch.bfloat16, device="cuda") / 32
+    full = batch_invariant_linear(x, w)
+    for t in (1, 2, 7, 64, 129, 511):
+        assert torch.equal(batch_invariant_linear(x[:t], w), full[:t]), t
+        assert torch.equal(batch_invariant_linear(x[-t:], w), full[-t:]), t
+    torch.testing.assert_close(full.float(), (x.float() @ w.float().T), atol=0.1, rtol=0.02)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -22,7 +22,8 @@ def llm(tiny_model_dir):
     from lp_plugins import BanOutputRepeatsAdapter  # a class object: offline only
 
     try:
-        with LLM(tiny_model_dir, max_num_seqs=4, logits_processors=[
+        with LLM(tiny_model_dir, max_num_seqs=4, kv_cache_memory_bytes=64 << 20,
+                 logits_processors=[
                 "lp_plugins:TargetTokenLogitsProcessor", BanOutputRepeatsAdapter]) as llm:
             yield llm
     finally:

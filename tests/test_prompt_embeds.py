@@ -29,7 +29,7 @@ def embed(tiny_model_dir):
 def llm(tiny_model_dir):
     # A small token budget: long embedding prompts are prefilled in chunks.
     with LLM(tiny_model_dir, enable_prompt_embeds=True, max_num_batched_tokens=8,
-             max_num_seqs=4) as llm:
+             max_num_seqs=4, kv_cache_memory_bytes=64 << 20) as llm:
         yield llm
 
 
@@ -68,7 +68,7 @@ def test_bad_embeddings_are_rejected(llm, embed, tiny_model_dir):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         llm.generate([{"prompt_embeds": embed([5, 6])}],
                      SamplingParams(prompt_logprobs=1), use_tqdm=False)
-    with LLM(tiny_model_dir, max_num_seqs=2) as plain:
+    with LLM(tiny_model_dir, max_num_seqs=2, kv_cache_memory_bytes=64 << 20) as plain:
         with pytest.raises(ValueError, match="enable-prompt-embeds"):
             plain.generate([{"prompt_embeds": embed([5, 6])}], GREEDY, use_tqdm=False)
 
