@@ -35,13 +35,22 @@ def allowed(module: str, target: str) -> bool:
     if pkg == "workers":
         return (target in LEAVES or tpkg in ("workers", "shm", "kernels", "sampling"))
     if pkg == "frontend":
-        return (tpkg == "frontend" or target in LEAVES or target.startswith("sampling.structured"))
+        return (tpkg == "frontend" or target in LEAVES or target.startswith("sampling.structured")
+                or target == "sampling.logits_processor")
     raise AssertionError(f"unknown package {pkg}")
 
 
+# Frontend modules allowed a function-local torch import, used only on request: decoding
+# `prompt_embeds` needs torch.load (the subprocess test below still checks startup is torch-free).
+LAZY_TORCH = {"frontend.prompt_embeds"}
+
+
 def torch_free(module: str) -> bool:
+    if module in LAZY_TORCH:
+        return False
     pkg = module.split(".")[0]
-    return pkg in ("frontend", "enginecore", "shm") or module == "sampling.params"
+    return (pkg in ("frontend", "enginecore", "shm")
+            or module in ("sampling.params", "sampling.logits_processor"))
 
 
 def imports_of(path: Path) -> list[str]:

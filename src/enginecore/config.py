@@ -34,6 +34,17 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     architecture: str = ""
     vocab_size: int = 0
     eos_token_ids: list[int] = []
+    # custom batch-level logits processors, "pkg.module:Class" (plus every one registered under
+    # the "tinyllm.logits_processors" entry-point group)
+    logits_processors: list[str] = []
+    # allow sleep()/wake_up(): release the weights' and KV cache's device memory on demand
+    enable_sleep_mode: bool = False
+    # outputs bitwise independent of batch size and order (fixed reduction orders; slower);
+    # also on with TLS_BATCH_INVARIANT=1
+    batch_invariant: bool = False
+    # accept prompts given as embeddings (`prompt_embeds`); trusted clients only
+    enable_prompt_embeds: bool = False
+    hidden_size: int = 0  # derived from the checkpoint (prompt_embeds width)
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -171,7 +182,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                              f"max_position_embeddings={info['max_position_embeddings']}")
         model = msgspec.structs.replace(
             self.model, max_model_len=max_len, architecture=info["architecture"],
-            vocab_size=info["vocab_size"], eos_token_ids=info["eos_token_ids"])
+            vocab_size=info["vocab_size"], eos_token_ids=info["eos_token_ids"],
+            hidden_size=info["hidden_size"],
+            batch_invariant=self.model.batch_invariant or Env.BATCH_INVARIANT)
         cfg = msgspec.structs.replace(self, model=model)
         cfg.validate()
         _check_tensor_parallel(self.parallel.tensor_parallel_size, info)
@@ -276,6 +289,7 @@ def read_checkpoint_info(model_dir: str) -> dict:
         "num_key_value_heads": int(text_cfg.get("num_key_value_heads") or heads),
         "architecture": (hf.get("architectures") or [""])[0],
         "vocab_size": int(text_cfg["vocab_size"]),
+        "hidden_size": int(text_cfg.get("hidden_size", 0)),
         "max_position_embeddings": int(text_cfg.get("max_position_embeddings", 2048)),
         "eos_token_ids": eos,
     }
@@ -295,6 +309,8 @@ class Env:
         "TLS_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in ("1", "true")
     # Directory of adapters the filesystem LoRA resolver serves (`<dir>/<name>/`); unset: off.
     LORA_RESOLVER_CACHE_DIR = os.environ.get("TLS_LORA_RESOLVER_CACHE_DIR") or None
+    # vLLM's VLLM_BATCH_INVARIANT: turn on ModelConfig.batch_invariant.
+    BATCH_INVARIANT = os.environ.get("TLS_BATCH_INVARIANT", "0") not in ("", "0", "false")
 
 
 # ---------------------------------------------------------------- LoRA adapters (torch-free)

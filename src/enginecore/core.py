@@ -34,6 +34,7 @@ import zmq
 from enginecore.config import EngineConfig
 from enginecore.executor import EngineDeadError, Executor
 from enginecore.protocol import (
+    SLEEP_TAGS,
     Abort,
     AddRequest,
     Control,
@@ -72,6 +73,7 @@ class EngineCore:
         # most `max_in_flight` remain: 1 with async scheduling, 0 without.
         self.in_flight: collections.deque[ExecuteStep] = collections.deque()
         self.max_in_flight = 1 if config.scheduler.async_scheduling else 0
+        self.asleep: set[str] = set()  # sleep mode: parts (SLEEP_TAGS) not woken yet
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
 
     def add_request(self, req: AddRequest) -> list[TokenDelta]:
@@ -84,6 +86,46 @@ class EngineCore:
     def has_work(self) -> bool:
         """True while a request is unfinished or a sent step's result is still to be applied."""
         return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
+
+    # ------------------------------------------------------------ sleep mode
+
+    def sleep(self, level: int) -> None:
+        """Release the workers' weights (level 1: to host memory, 2: discarded) and KV cache.
+
+        Only when idle; requests that arrive while asleep wait until every part is awake."""
+        if not self.config.model.enable_sleep_mode:
+            raise ValueError("sleep mode is off: start the engine with --enable-sleep-mode")
+        if level not in (1, 2):
+            raise ValueError(f"level: must be 1 or 2, got {level}")
+        if self.asleep:
+            raise ValueError("already asleep")
+        if self.has_work():
+            raise ValueError("the engine is busy: sleep when no request is running")
+        self._worker_call(self.executor.sleep(level))
+        self.scheduler.reset_prefix_cache()  # the cached KV contents are gone
+        self.asleep = set(SLEEP_TAGS)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Bring back the named parts (default: all); steps resume once all are awake."""
+        tags = list(SLEEP_TAGS) if tags is None else tags
+        unknown = set(tags) - set(SLEEP_TAGS)
+        if unknown:
+            raise ValueError(f"tags: unknown {sorted(unknown)}; choose from {list(SLEEP_TAGS)}")
+        if self.asleep & set(tags):
+            self._worker_call(self.executor.wake_up(sorted(self.asleep & set(tags))))
+            self.asleep -= set(tags)
+
+    def reload_weights(self, path: str | None = None) -> None:
+        """Load the weights again from `path` (default: the served model's directory)."""
+        if self.has_work():
+            raise ValueError("the engine is busy: reload weights when no request is running")
+        self._worker_call(self.executor.reload_weights(path or self.config.model.model))
+        self.scheduler.reset_prefix_cache()  # cached KV came from the old weights
+
+    @staticmethod
+    def _worker_call(result: ControlResult) -> None:
+        if not result.ok:
+            raise ValueError(result.error)
 
     def step(self) -> list[TokenDelta]:
         """Schedule and send the next step, then apply the oldest result beyond the depth."""
@@ -160,8 +202,10 @@ class EngineCoreProc:
         last_check = time.monotonic()
         try:
             while not self.stopping:
-                self._process_inputs(block=not self.core.has_work())
-                if self.core.has_work():
+                # Asleep: requests wait (the scheduler keeps them) until every part is awake.
+                runnable = self.core.has_work() and not self.core.asleep
+                self._process_inputs(block=not runnable)
+                if self.core.has_work() and not self.core.asleep:
                     self._emit(self.core.step())
                 if time.monotonic() - last_check > _IDLE_POLL_S:
                     last_check = time.monotonic()
@@ -202,14 +246,25 @@ class EngineCoreProc:
 
     def _control(self, msg: Control) -> None:
         result = ControlResult(call_id=msg.call_id)
-        if msg.op == "reset_prefix_cache":
-            result.value = int(self.core.scheduler.reset_prefix_cache())
-        elif msg.op == "remove_lora" and msg.lora is not None:
-            self.core.scheduler.remove_lora(msg.lora.int_id)
-        elif msg.op == "shutdown":
-            self.stopping = True
-        elif msg.op not in ("get_stats", "ping"):
-            result = ControlResult(call_id=msg.call_id, ok=False, error=f"unknown op {msg.op!r}")
+        try:
+            if msg.op == "reset_prefix_cache":
+                result.value = int(self.core.scheduler.reset_prefix_cache())
+            elif msg.op == "remove_lora" and msg.lora is not None:
+                self.core.scheduler.remove_lora(msg.lora.int_id)
+            elif msg.op == "shutdown":
+                self.stopping = True
+            elif msg.op == "sleep":
+                self.core.sleep(msg.level)
+            elif msg.op == "wake_up":
+                self.core.wake_up(msg.tags)
+            elif msg.op == "is_sleeping":
+                result.value = int(bool(self.core.asleep))
+            elif msg.op == "reload_weights":
+                self.core.reload_weights(msg.path)
+            elif msg.op not in ("get_stats", "ping"):
+                raise ValueError(f"unknown op {msg.op!r}")
+        except ValueError as e:
+            result = ControlResult(call_id=msg.call_id, ok=False, error=str(e))
         out = EngineOutputs(control=result, stats=self.core.scheduler.stats(),
                             timestamp=time.time())
         self.output_queue.put((msg.client_index, out))

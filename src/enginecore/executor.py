@@ -30,8 +30,11 @@ from enginecore.protocol import (
     InitKVCache,
     MemoryReport,
     ProfileMemory,
+    ReloadWeights,
     Shutdown,
+    Sleep,
     StepResult,
+    WakeUp,
     WorkerError,
     encode,
     worker_output_decoder,
@@ -170,6 +173,25 @@ class Executor:
         self._send(InitKVCache(call_id=next(self._call_ids), num_blocks=num_blocks))
         replies = self._recv_all(timeout=_STARTUP_TIMEOUT_S)
         assert all(isinstance(r, ControlResult) for r in replies), replies
+
+    def call(self, msg: Sleep | WakeUp | ReloadWeights) -> ControlResult:
+        """Send a sleep-mode call to every worker and wait for rank 0's answer.
+
+        Only between steps: results of steps in flight would come first."""
+        assert not self._pending_steps, "sleep-mode calls need an idle engine"
+        self._send(msg)
+        result = self._recv(timeout=_STARTUP_TIMEOUT_S)
+        assert isinstance(result, ControlResult), result
+        return result
+
+    def sleep(self, level: int) -> ControlResult:
+        return self.call(Sleep(call_id=next(self._call_ids), level=level))
+
+    def wake_up(self, tags: list[str]) -> ControlResult:
+        return self.call(WakeUp(call_id=next(self._call_ids), tags=tags))
+
+    def reload_weights(self, path: str) -> ControlResult:
+        return self.call(ReloadWeights(call_id=next(self._call_ids), path=path))
 
     def shutdown(self) -> None:
         """Ask workers to exit; kill the ones that do not within the peer timeout."""

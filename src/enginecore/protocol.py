@@ -36,12 +36,27 @@ class MMInput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     data: bytes = b""
     dtype: str = "float32"
     shape: list[int] = []
+
+
 class LoRARef(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """A LoRA adapter a request runs with: workers load it from `path` on first use."""
 
     name: str
     int_id: int  # unique per (name, path); keys the workers' caches and the prefix-cache hash
     path: str  # PEFT directory: adapter_config.json + adapter_model.safetensors
+
+
+class PromptEmbeds(msgspec.Struct, array_like=True, gc=False):
+    """A prompt given as embeddings (`--enable-prompt-embeds`): raw bytes, no pickle.
+
+    The request's prompt_token_ids are placeholders (one per row); workers feed these rows to
+    the decoder instead of embedding the placeholders.
+    """
+
+    data: bytes  # row-major [shape[0], shape[1]] values of `dtype`
+    dtype: str  # float32 | float16 | bfloat16
+    shape: list[int]  # [num_prompt_tokens, hidden_size]
+    hash: str  # sha256 of dtype, shape and data: the prefix-cache key of these rows
 
 
 class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True, gc=False):
@@ -54,6 +69,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True,
     cache_salt: str | None = None
     mm_inputs: list[MMInput] | None = None  # multimodal items, in prompt order
     lora: LoRARef | None = None
+    prompt_embeds: PromptEmbeds | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True, gc=False):
@@ -67,9 +83,14 @@ class Control(msgspec.Struct, tag="control", array_like=True, omit_defaults=True
     op: str  # one of CONTROL_OPS
     client_index: int = 0
     lora: LoRARef | None = None  # the adapter of "remove_lora"
+    level: int = 1  # sleep: 1 offloads weights to host memory, 2 discards them
+    tags: list[str] | None = None  # wake_up: parts to wake (SLEEP_TAGS); None: all
+    path: str | None = None  # reload_weights: checkpoint directory (None: the served model)
 
 
-CONTROL_OPS = ("reset_prefix_cache", "get_stats", "ping", "shutdown", "remove_lora")
+CONTROL_OPS = ("reset_prefix_cache", "get_stats", "ping", "shutdown", "remove_lora",
+               "sleep", "wake_up", "is_sleeping", "reload_weights")
+SLEEP_TAGS = ("weights", "kv_cache")
 
 CoreInput = AddRequest | Abort | Control
 
@@ -152,6 +173,7 @@ class NewReq(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     output_token_ids: list[int] = []
     mm_inputs: list[MMInput] | None = None
     lora: LoRARef | None = None
+    prompt_embeds: PromptEmbeds | None = None
 
 
 class CachedReqs(msgspec.Struct, array_like=True, gc=False):
@@ -194,8 +216,28 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     call_id: int
 
 
-WorkerControl = InitKVCache | ProfileMemory | Shutdown
-WorkerInput = ExecuteStep | InitKVCache | ProfileMemory | Shutdown
+class Sleep(msgspec.Struct, tag="sleep", array_like=True):
+    """Sleep mode: drop the KV cache; level 1 offloads the weights to host memory, 2 drops them."""
+
+    call_id: int
+    level: int
+
+
+class WakeUp(msgspec.Struct, tag="wake_up", array_like=True):
+    call_id: int
+    tags: list[str]  # subset of SLEEP_TAGS
+
+
+class ReloadWeights(msgspec.Struct, tag="reload_weights", array_like=True):
+    """Load the weights again from a checkpoint directory (after a level-2 sleep, or updated)."""
+
+    call_id: int
+    path: str
+
+
+WorkerControl = InitKVCache | ProfileMemory | Shutdown | Sleep | WakeUp | ReloadWeights
+WorkerInput = (ExecuteStep | InitKVCache | ProfileMemory | Shutdown | Sleep | WakeUp
+               | ReloadWeights)
 
 # ---------------------------------------------------------------- workers -> engine core
 

@@ -52,7 +52,7 @@ class Request:
         "request_id", "client_index", "prompt_token_ids", "output_token_ids", "all_token_ids",
         "sampling", "priority", "arrival_time", "cache_salt", "status", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "num_prompt_logprobs_sent",
-        "num_output_placeholders", "mm_inputs", "encoder_refs", "lora",
+        "num_output_placeholders", "mm_inputs", "encoder_refs", "lora", "prompt_embeds",
     )
 
     def __init__(self, add: AddRequest) -> None:
@@ -67,6 +67,7 @@ class Request:
         self.arrival_time = add.arrival_time
         self.cache_salt = add.cache_salt
         self.lora = add.lora  # LoRARef or None (the base model)
+        self.prompt_embeds = add.prompt_embeds  # PromptEmbeds | None
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         # Tokens sampled by steps in flight whose ids update() has not seen yet.
@@ -113,12 +114,15 @@ class Request:
         # two different salts never share a single block. Multimodal content hashes enter every
         # block an item's placeholders overlap: placeholder token ids are the same for every
         # image. The LoRA id, like the salt, enters block 0, so no block is shared between two
-        # adapters or an adapter and the base model.
+        # adapters or an adapter and the base model. Embedding prompts: their placeholder ids say
+        # nothing, the embeddings' hash (block 0, chained to the rest) does.
         keys: tuple[str | int, ...] = ()
         if block_index == 0 and self.cache_salt is not None:
             keys = (self.cache_salt,)
         if block_index == 0 and self.lora is not None:
             keys += ("lora", self.lora.int_id)
+        if block_index == 0 and self.prompt_embeds is not None:
+            keys += (self.prompt_embeds.hash,)
         if self.mm_inputs and block_size:
             start, end = block_index * block_size, (block_index + 1) * block_size
             keys += tuple(item.hash for item in self.mm_inputs

@@ -380,7 +380,8 @@ class Scheduler:
                     block_ids=self.kv.block_ids(req_id),
                     num_computed_tokens=request.num_computed_tokens,
                     output_token_ids=list(request.output_token_ids),
-                    mm_inputs=request.mm_inputs or None, lora=request.lora))
+                    mm_inputs=request.mm_inputs or None, lora=request.lora,
+                    prompt_embeds=request.prompt_embeds))
             else:
                 cached.req_ids.append(req_id)
                 cached.new_block_ids.append(plan.new_block_ids[req_id])

@@ -86,7 +86,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
 ENGINE_STRUCTS: tuple[type[msgspec.Struct], ...] = (
     ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, MultiModalConfig, LoRAConfig)
 # Filled from the checkpoint (or positional), never flags.
-_NOT_FLAGS = {"model", "architecture", "vocab_size", "eos_token_ids"}
+_NOT_FLAGS = {"model", "architecture", "vocab_size", "eos_token_ids", "hidden_size"}
 # vLLM's flag names where they differ from the field name.
 _FLAG_NAMES = {
     "policy": ["--scheduling-policy"],

@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import zmq
@@ -32,6 +33,7 @@ from enginecore.protocol import (
     EngineOutputs,
     LoRARef,
     MMInput,
+    PromptEmbeds,
     SchedulerStats,
     TokenDelta,
     core_output_decoder,
@@ -191,10 +193,13 @@ class AsyncEngine:
             raise EngineDeadError(self.dead)
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
+        embeds = self.processor.prompt_embeds(prompt)
+        if embeds is not None:  # a tensor is converted once, here
+            prompt = {"prompt_embeds": embeds}
         text, prompt_ids, mm_inputs = self.processor.process_prompt(prompt)
         parent = ParentRequest(request_id, text, prompt_ids, params.n, output_kind)
         child_ids = self._add(parent, params, priority, cache_salt, mm_inputs,
-                              None if lora_request is None else lora_request.to_ref())
+                              None if lora_request is None else lora_request.to_ref(), embeds)
         try:
             while True:
                 item = await parent.queue.get()
@@ -212,7 +217,8 @@ class AsyncEngine:
 
     def _add(self, parent: ParentRequest, params: SamplingParams, priority: int,
              cache_salt: str | None, mm_inputs: list[MMInput] | None = None,
-             lora: LoRARef | None = None) -> list[str]:
+             lora: LoRARef | None = None,
+             prompt_embeds: PromptEmbeds | None = None) -> list[str]:
         """Fan out n > 1 into n engine requests (distinct seeds), validated before any is sent."""
         n = params.n
         child_ids = [parent.request_id] if n == 1 else \
@@ -225,7 +231,8 @@ class AsyncEngine:
                 raise ValueError(f"request_id {child_id!r} is already in use")
             requests.append(self.processor.make_request(
                 child_id, parent.prompt_token_ids, child, client_index=self.client_index,
-                priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs, lora=lora))
+                priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs, lora=lora,
+                prompt_embeds=prompt_embeds))
         for i, req in enumerate(requests):
             self.states[req.request_id] = RequestState(parent, i, self.tokenizer, req.sampling)
             self._send(req)
@@ -240,14 +247,36 @@ class AsyncEngine:
         if ids:
             self._send(Abort(request_ids=ids))
 
-    async def _control(self, op: str, timeout: float = 30.0, lora: LoRARef | None = None):
+    async def _control(self, op: str, timeout: float = 30.0, **fields: Any):
         if self.dead:
             raise EngineDeadError(self.dead)
         call_id = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
         self._calls[call_id] = fut
-        self._send(Control(call_id=call_id, op=op, client_index=self.client_index, lora=lora))
+        self._send(Control(call_id=call_id, op=op, client_index=self.client_index, **fields))
         return await asyncio.wait_for(fut, timeout)
+
+    async def _checked_control(self, op: str, **fields: Any):
+        result = await self._control(op, timeout=600.0, **fields)  # offload/reload take a while
+        if not result.ok:
+            raise ValueError(result.error)
+        return result
+
+    async def sleep(self, level: int = 1) -> None:
+        """Sleep mode: release weights (level 1: to host memory, 2: discarded) and KV cache."""
+        await self._checked_control("sleep", level=level)
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        """Wake the named parts ("weights", "kv_cache"; default all)."""
+        await self._checked_control("wake_up", tags=tags)
+
+    async def is_sleeping(self) -> bool:
+        """True until every part is awake."""
+        return bool((await self._checked_control("is_sleeping")).value)
+
+    async def reload_weights(self, path: str | None = None) -> None:
+        """Load the weights again (after a level-2 sleep, or new ones of the same shapes)."""
+        await self._checked_control("reload_weights", path=path)
 
     async def reset_prefix_cache(self) -> bool:
         return bool((await self._control("reset_prefix_cache")).value)

@@ -21,11 +21,15 @@ from frontend.client import AsyncEngine
 from frontend.lora import LoRARequest
 from frontend.outputs import OutputKind, RequestOutput
 from frontend.processor import PromptType
+from sampling.logits_processor import processor_fqcn
 from sampling.params import SamplingParams
 
 
 class LLM:
     def __init__(self, model: str, **engine_args: object):
+        if engine_args.get("logits_processors"):  # classes -> "module:Class" names
+            engine_args["logits_processors"] = [
+                processor_fqcn(c) for c in engine_args["logits_processors"]]  # type: ignore
         self.config = EngineConfig.create(model, **engine_args)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
@@ -86,11 +90,16 @@ class LLM:
             # Validate everything before any request runs: a bad prompt fails the whole call.
             tokenized = []
             for prompt, sp, lora in zip(prompts, params, loras, strict=True):
-                text, token_ids, mm = self.engine.processor.process_prompt(prompt)
-                self.engine.processor.make_request(
-                    "validate", token_ids, sp, mm_inputs=mm,
-                    lora=None if lora is None else lora.to_ref())
-                tokenized.append({"prompt": text, "prompt_token_ids": token_ids, "mm_inputs": mm})
+                processor = self.engine.processor
+                embeds = processor.prompt_embeds(prompt)
+                if embeds is not None:  # convert the tensor once
+                    prompt = {"prompt_embeds": embeds}
+                text, token_ids, mm = processor.process_prompt(prompt)
+                processor.make_request("validate", token_ids, sp, mm_inputs=mm,
+                                       lora=None if lora is None else lora.to_ref(),
+                                       prompt_embeds=embeds)
+                tokenized.append({"prompt": text, "prompt_token_ids": token_ids, "mm_inputs": mm}
+                                 if embeds is None else prompt)
             jobs = (one(*a) for a in zip(ids, tokenized, params, prios, loras, strict=True))
             return list(await asyncio.gather(*jobs))
         finally:
@@ -101,6 +110,22 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         return self._run(self.engine.reset_prefix_cache())
+
+    def sleep(self, level: int = 1) -> None:
+        """Release device memory: level 1 offloads the weights to host memory, 2 drops them;
+        both drop the KV cache (needs enable_sleep_mode=True)."""
+        self._run(self.engine.sleep(level))
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Wake "weights" and/or "kv_cache" (default both)."""
+        self._run(self.engine.wake_up(tags))
+
+    def is_sleeping(self) -> bool:
+        return self._run(self.engine.is_sleeping())
+
+    def reload_weights(self, path: str | None = None) -> None:
+        """Load the weights again from `path` (default: the model directory)."""
+        self._run(self.engine.reload_weights(path))
 
     def shutdown(self) -> None:
         if self._loop.is_running():

@@ -178,7 +178,8 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
     bad_words: list[str] | None = None
     priority: int = 0
     cache_salt: str | None = None
-    vllm_xargs: dict[str, Any] | None = None
+    # custom arguments for logits processors: str, int, float or lists of these
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
     structured_outputs: StructuredOutputsParams | None = None
     # Deprecated spellings of structured_outputs.{json, regex, choice, grammar}.
     guided_json: str | dict | None = None
@@ -222,7 +223,9 @@ class CompletionRequest(_SamplingRequest, kw_only=True):
 
     # A string, a batch of strings, token ids, or a batch of token-id lists (checked below,
     # since msgspec unions allow only one array type).
-    prompt: str | list[str | int | list[int]]
+    prompt: str | list[str | int | list[int]] | None = None
+    # base64 of torch.save'd [L, H] tensors (`--enable-prompt-embeds`); answered before `prompt`
+    prompt_embeds: str | list[str] | None = None
     suffix: str | None = None
     echo: bool = False
     logprobs: int | None = None
@@ -230,6 +233,9 @@ class CompletionRequest(_SamplingRequest, kw_only=True):
     add_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        if self.prompt is None and not self.prompt_embeds:
+            raise ValueError("prompt: give prompt or prompt_embeds (decoder prompt cannot be "
+                             "empty)")
         if isinstance(self.prompt, list):
             kinds = {type(p) for p in self.prompt}
             if len(kinds) != 1:
@@ -237,8 +243,10 @@ class CompletionRequest(_SamplingRequest, kw_only=True):
                                  "or of token-id lists")
 
     def prompts(self) -> list[str] | list[list[int]]:
-        """The prompt as a batch: strings, or token-id lists."""
+        """The prompt as a batch: strings, or token-id lists (empty without a prompt)."""
         prompt = self.prompt
+        if prompt is None:
+            return []
         if isinstance(prompt, str):
             return [prompt]
         if isinstance(prompt[0], int):

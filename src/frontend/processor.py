@@ -14,9 +14,11 @@ from typing import Any
 import msgspec
 
 from enginecore.config import EngineConfig, inspect_lora_adapter
-from enginecore.protocol import AddRequest, LoRARef, MMInput
+from enginecore.protocol import AddRequest, LoRARef, MMInput, PromptEmbeds
 from frontend.multimodal import MultiModalProcessor
+from frontend.prompt_embeds import FLAG_OFF, tensor_to_prompt_embeds
 from frontend.tokenizer import Tokenizer
+from sampling.logits_processor import LogitsProcessor, load_logits_processors
 from sampling.params import SamplingParams, StructuredOutputsParams
 from sampling.structured import LLTokenizer, load_lltokenizer, validate_structured_outputs
 
@@ -34,6 +36,10 @@ class Processor:
         # The engine's limit: the model's, capped at what the KV cache holds (CoreReady).
         self.max_model_len = config.model.max_model_len
         self._valid_constraints: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        # Custom logits processors check their extra_args here, so bad ones get a 400. Loading
+        # imports the plug-in modules (possibly torch) into this process; only when configured.
+        self.logits_processors: list[type[LogitsProcessor]] = load_logits_processors(
+            config.model.logits_processors)
         self._valid_loras: set[str] = set()
         # Vision-language checkpoints only: images / videos -> pixel rows and placeholders.
         self.mm: MultiModalProcessor | None = (
@@ -57,10 +63,14 @@ class Processor:
         return text, ids, mm_inputs or None
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """Return (prompt text if any, prompt token ids)."""
+        """Return (prompt text if any, prompt token ids); placeholders for embedding prompts."""
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
+            if prompt.get("prompt_embeds") is not None:
+                embeds = self.prompt_embeds(prompt)
+                assert embeds is not None
+                return None, [0] * embeds.shape[0]
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
@@ -70,16 +80,34 @@ class Processor:
             return None, list(prompt)
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
 
+    def prompt_embeds(self, prompt: PromptType) -> PromptEmbeds | None:
+        """The prompt's embeddings ({"prompt_embeds": tensor or PromptEmbeds}), else None."""
+        if not isinstance(prompt, dict) or prompt.get("prompt_embeds") is None:
+            return None
+        if not self.config.model.enable_prompt_embeds:
+            raise ValueError(FLAG_OFF)
+        embeds = prompt["prompt_embeds"]
+        if isinstance(embeds, PromptEmbeds):
+            return embeds
+        return tensor_to_prompt_embeds(embeds, self.config.model.hidden_size)
+
     def make_request(self, request_id: str, prompt_token_ids: list[int],
                      params: SamplingParams, *, client_index: int = 0, priority: int = 0,
                      cache_salt: str | None = None, mm_inputs: list[MMInput] | None = None,
-                     lora: LoRARef | None = None) -> AddRequest:
+                     lora: LoRARef | None = None,
+                     prompt_embeds: PromptEmbeds | None = None) -> AddRequest:
         """Validate and build the engine request; `params.n` must already be 1."""
         if lora is not None:
             self._check_lora(lora)
         max_len = self.max_model_len
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
+        if prompt_embeds is not None:
+            if not self.config.model.enable_prompt_embeds:
+                raise ValueError(FLAG_OFF)
+            if params.prompt_logprobs is not None:
+                raise ValueError("prompt_logprobs: not available for prompt_embeds prompts")
+            assert prompt_embeds.shape[0] == len(prompt_token_ids)
         if len(prompt_token_ids) >= max_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the model's "
                              f"max_model_len is {max_len} (prompt plus at least one new token)")
@@ -90,6 +118,11 @@ class Processor:
         params.validate(self.vocab_size)
         self._check_logprobs(params)
         self._check_mm_inputs(mm_inputs)
+        for cls in self.logits_processors:
+            try:
+                cls.validate_params(params)
+            except Exception as e:  # a plug-in's own error type still becomes a clean 400
+                raise ValueError(f"extra_args: {cls.__name__}: {e}") from None
         if params.structured_outputs is not None:
             params = msgspec.structs.replace(
                 params, structured_outputs=self._structured_outputs(params.structured_outputs))
@@ -99,7 +132,7 @@ class Processor:
         return AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                           sampling=params, client_index=client_index, arrival_time=time.time(),
                           priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs,
-                          lora=lora)
+                          lora=lora, prompt_embeds=prompt_embeds)
 
     def _check_mm_inputs(self, mm_inputs: list[MMInput] | None) -> None:
         """An item must fit the encoder budget and cache, or it could never be scheduled."""

@@ -7,6 +7,8 @@
     GET  /openapi.json                           this API as OpenAPI 3.1 (`openapi_spec.py`)
     POST /reset_prefix_cache
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   with TLS_ALLOW_RUNTIME_LORA_UPDATING=1
+    POST /sleep?level=1|2, POST /wake_up[?tags=weights|kv_cache], GET /is_sleeping,
+    POST /reload_weights[?path=DIR]   (only with --enable-sleep-mode)
 
 Every failure answers OpenAI's error JSON {"error": {"message", "type", "param", "code"}}: 400 for
 bad JSON, wrong types and invalid values (any ValueError: msgspec's, the Processor's,
@@ -128,6 +130,12 @@ class OpenAIServer:
         if self.serving.loras.runtime_updates:
             self.app.add_routes([web.post("/v1/load_lora_adapter", self.load_lora_adapter),
                                  web.post("/v1/unload_lora_adapter", self.unload_lora_adapter)])
+        if engine.config.model.enable_sleep_mode:  # dev endpoints, as vLLM's (docs/sleep_mode.md)
+            self.app.add_routes([
+                web.post("/sleep", self.sleep), web.post("/wake_up", self.wake_up),
+                web.get("/is_sleeping", self.is_sleeping),
+                web.post("/reload_weights", self.reload_weights),
+            ])
 
     # ------------------------------------------------------------ middlewares
 
@@ -231,6 +239,27 @@ class OpenAIServer:
 
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
         return web.json_response({"success": await self.engine.reset_prefix_cache()})
+
+    async def sleep(self, request: web.Request) -> web.Response:
+        level = request.query.get("level", "1")
+        if level not in ("1", "2"):
+            raise ValueError(f"level: must be 1 or 2, got {level!r}")
+        await self.engine.sleep(int(level))
+        return web.json_response({"success": True})
+
+    async def wake_up(self, request: web.Request) -> web.Response:
+        tags = request.query.getall("tags", None)
+        if tags is not None:  # ?tags=weights&tags=kv_cache or ?tags=weights,kv_cache
+            tags = [t for value in tags for t in value.split(",") if t]
+        await self.engine.wake_up(tags)
+        return web.json_response({"success": True})
+
+    async def is_sleeping(self, request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": await self.engine.is_sleeping()})
+
+    async def reload_weights(self, request: web.Request) -> web.Response:
+        await self.engine.reload_weights(request.query.get("path"))
+        return web.json_response({"success": True})
 
     async def tokenize(self, request: web.Request) -> web.Response:
         req = msgspec.json.decode(await request.read(), type=TokenizeRequest)

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from enginecore.protocol import MMInput
+from enginecore.protocol import MMInput, PromptEmbeds
 from frontend import openai as api
 from frontend.chat import ChatFeatures, ChatPlan, ChoiceParser
 from frontend.cli import ServerConfig
@@ -43,6 +43,7 @@ from frontend.lora import (
 from frontend.media import MediaConnector, MediaRef, media_parts
 from frontend.metrics import RequestTracker, ServerMetrics
 from frontend.outputs import CompletionOutput, OutputKind, PositionLogprobs, RequestOutput
+from frontend.prompt_embeds import FLAG_OFF, decode_prompt_embeds
 from sampling.params import SamplingParams
 
 logger = logging.getLogger("frontend.serving")
@@ -66,6 +67,7 @@ class _Prompt:
     token_ids: list[int]
     echo: str = ""  # prepended to every choice's text when the request echoes
     mm_inputs: list[MMInput] | None = None  # images / videos of a chat prompt
+    embeds: PromptEmbeds | None = None  # an embedding prompt (token_ids are placeholders)
 
 
 @dataclass
@@ -162,7 +164,7 @@ class OpenAIServing:
         """POST /v1/completions."""
         req = api.completion_request_decoder.decode(await request.read())
         await self.resolve_model(req.model)
-        prompts = []
+        prompts = self._embeds_prompts(req)  # vLLM's order: embedding prompts first
         for p in req.prompts():
             if isinstance(p, str):
                 ids = self.tokenizer.encode(p, add_special_tokens=req.add_special_tokens)
@@ -173,6 +175,22 @@ class OpenAIServing:
         job = self._make_job(req, prompts, chat=False)
         job.echo_logprobs = req.echo and req.logprobs is not None
         return await self._respond(request, job)
+
+    def _embeds_prompts(self, req: api.CompletionRequest) -> list[_Prompt]:
+        """Decode `prompt_embeds` (base64 torch.save'd tensors) into placeholder prompts."""
+        if req.prompt_embeds is None:
+            return []
+        model = self.engine.config.model
+        if not model.enable_prompt_embeds:
+            raise APIError(400, FLAG_OFF, "prompt_embeds")
+        if req.echo:
+            raise APIError(400, "echo: not available with prompt_embeds", "echo")
+        encoded = [req.prompt_embeds] if isinstance(req.prompt_embeds, str) else req.prompt_embeds
+        prompts = []
+        for item in encoded:
+            embeds = decode_prompt_embeds(item, model.hidden_size)
+            prompts.append(_Prompt(None, [0] * embeds.shape[0], "", embeds))
+        return prompts
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
@@ -275,7 +293,8 @@ class OpenAIServing:
                            f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in "
                            f"the {where}, {params.max_tokens} for the completion).", "max_tokens")
         self.engine.processor.make_request("validate", prompt.token_ids, params,
-                                           mm_inputs=prompt.mm_inputs)
+                                           mm_inputs=prompt.mm_inputs,
+                                           prompt_embeds=prompt.embeds)
         return params
 
     def _log_request(self, job: _Job) -> None:
@@ -301,8 +320,8 @@ class OpenAIServing:
     async def _outputs(self, job: _Job) -> AsyncIterator[tuple[_Choice, CompletionOutput]]:
         """Run the job's engine requests; yield (choice, its delta) as outputs arrive."""
         streams = [self.engine.generate(
-            {"prompt": p.text, "prompt_token_ids": p.token_ids, "mm_inputs": p.mm_inputs},
-            params, job.engine_id(i),
+            {"prompt": p.text, "prompt_token_ids": p.token_ids, "mm_inputs": p.mm_inputs}
+            if p.embeds is None else {"prompt_embeds": p.embeds}, params, job.engine_id(i),
             priority=job.priority, cache_salt=job.cache_salt, output_kind=OutputKind.DELTA,
             lora_request=job.lora)
             for i, (p, params) in enumerate(zip(job.prompts, job.params, strict=True))]

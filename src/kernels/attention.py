@@ -102,8 +102,13 @@ def store_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                        block_tables: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal GQA attention of query [T, Hq, D] over each sequence's paged context -> [T, Hq, D]."""
+                        block_tables: torch.Tensor, scale: float,
+                        batch_invariant: bool = False) -> torch.Tensor:
+    """Causal GQA attention of query [T, Hq, D] over each sequence's paged context -> [T, Hq, D].
+
+    batch_invariant: one query token at a time over exactly the keys it sees, so a token's result
+    does not depend on how its sequence was chunked or batched.
+    """
     block_size = kv_cache.shape[2]
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
@@ -116,7 +121,13 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
         # [n, P, Hkv, D] -> [S, Hkv, D]: the context in position order.
         key = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
         value = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
-        out[q_start:q_end] = causal_attention_ref(query[q_start:q_end], key, value, scale)
+        if batch_invariant:
+            for t in range(q_start, q_end):
+                pos = seq_len - (q_end - t)  # this token's position; it sees keys 0 ..= pos
+                out[t: t + 1] = causal_attention_ref(query[t: t + 1], key[: pos + 1],
+                                                     value[: pos + 1], scale)
+        else:
+            out[q_start:q_end] = causal_attention_ref(query[q_start:q_end], key, value, scale)
     return out
 
 
@@ -423,11 +434,14 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                     max_query_len: int, out: torch.Tensor | None = None, *,
-                    num_splits: int | None = None) -> torch.Tensor:
+                    num_splits: int | None = None, batch_invariant: bool = False
+                    ) -> torch.Tensor:
     """Triton `paged_attention_ref` -> out [T, Hq, D]; rows of sequences with q_len 0 untouched.
 
     max_query_len (host int) picks the kernels (module docstring); num_splits overrides the
     decode split count (a power of two; tests), which otherwise depends only on (B, Hkv).
+    batch_invariant: the prefill kernel alone serves every row (decode rows too), so a token's
+    reduction order never depends on the batch (no batch-sized split-KV, no kernel switch).
     """
     _check_attention_args(query, kv_cache, query_start_loc, seq_lens, block_tables)
     if out is None:
@@ -439,6 +453,9 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     metadata = (query_start_loc, seq_lens, block_tables)
     # A mixed batch runs both kernels, each skipping the other's rows: decode rows inside the
     # prefill kernel would fill 1 token of a BLOCK_M tile and get no KV split.
+    if batch_invariant:
+        _launch_prefill(query, kv_cache, out, metadata, scale, skip_decode=False)
+        return out
     mixed = max_query_len > 1 and num_seqs > 1
     if max_query_len > 1:
         _launch_prefill(query, kv_cache, out, metadata, scale, skip_decode=mixed)

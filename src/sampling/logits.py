@@ -23,12 +23,22 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sampling.logits_processor import (
+    BatchUpdate,
+    LogitsProcessor,
+    ProcessorContext,
+    update_sparse_state,
+)
 from sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from sampling.batch_logits import BatchLogits
 
 
 def to_device(data: Sequence | np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -232,8 +242,140 @@ def _flatten(token_lists: list[list[int]], device: torch.device) -> tuple[Tensor
     return rows, ids
 
 
+class MinTokensLogitsProcessor(LogitsProcessor):
+    """min_tokens on the batch-level interface: ban stop ids (and EOS unless ignore_eos) while a
+    row has fewer than min_tokens outputs."""
+
+    def __init__(self, config: ProcessorContext, device: torch.device,
+                 is_pin_memory: bool) -> None:
+        super().__init__(config, device, is_pin_memory)
+        self._rows: dict[int, tuple[int, list[int], list[int]]] = {}  # min, stops, live outputs
+
+    def is_argmax_invariant(self) -> bool:
+        """Bans can remove the argmax."""
+        return False
+
+    @property
+    def in_use(self) -> bool:
+        """Whether any row has min_tokens (BatchLogits skips idle built-ins)."""
+        return bool(self._rows)
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        """Track rows whose min_tokens is set."""
+        eos = list(self.config.eos_token_ids)
+
+        def make(p: SamplingParams, _prompt: list[int], output: list[int]):
+            if p.min_tokens <= 0:
+                return None
+            # With ignore_eos, EOS is an ordinary token (it cannot end the request).
+            stops = list(p.stop_token_ids) if p.ignore_eos else [*eos, *p.stop_token_ids]
+            return (p.min_tokens, stops, output) if stops else None
+
+        update_sparse_state(self._rows, batch_update, make)
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """-inf on the stop ids of rows still short of min_tokens."""
+        pairs = [(i, t) for i, (least, stops, output) in self._rows.items()
+                 if len(output) < least for t in stops]
+        bans = TokenBans.from_pairs(pairs, logits.device)
+        if bans is not None:
+            bans.apply(logits)
+        return logits
+
+
+class LogitBiasLogitsProcessor(LogitsProcessor):
+    """logit_bias on the batch-level interface: additive per-(row, token) offsets."""
+
+    def __init__(self, config: ProcessorContext, device: torch.device,
+                 is_pin_memory: bool) -> None:
+        super().__init__(config, device, is_pin_memory)
+        self._rows: dict[int, dict[int, float]] = {}
+        self._bias: LogitBias | None = None  # rebuilt only when the rows change
+
+    def is_argmax_invariant(self) -> bool:
+        """Biases can change the argmax."""
+        return False
+
+    @property
+    def in_use(self) -> bool:
+        """Whether any row has a logit_bias."""
+        return bool(self._rows)
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        """Track rows with a non-empty logit_bias."""
+        def make(p: SamplingParams, _prompt: list[int], _output: list[int]):
+            return p.logit_bias or None
+
+        if update_sparse_state(self._rows, batch_update, make):
+            self._bias = None
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """Add every tracked row's biases."""
+        if not self._rows:
+            return logits
+        if self._bias is None or self._bias.rows.device != logits.device:
+            order = sorted(self._rows)  # row order as the per-step builder had it
+            self._bias = LogitBias.build(
+                [SamplingParams(logit_bias=self._rows[i]) for i in order], logits.device)
+            assert self._bias is not None
+            self._bias.rows = to_device(order, torch.int64, logits.device)[self._bias.rows]
+        self._bias.apply(logits)
+        return logits
+
+
+class MinPLogitsProcessor(LogitsProcessor):
+    """min_p on the batch-level interface: -inf below min_p times the row's top probability.
+
+    Argmax-invariant, so the sampler runs it after temperature and top-k/top-p, on random rows.
+    """
+
+    def __init__(self, config: ProcessorContext, device: torch.device,
+                 is_pin_memory: bool) -> None:
+        super().__init__(config, device, is_pin_memory)
+        self._rows: dict[int, float] = {}
+        self._min_p: Tensor | None = None  # [B] float32, rebuilt when the rows change
+
+    def is_argmax_invariant(self) -> bool:
+        """The top token always survives."""
+        return True
+
+    @property
+    def in_use(self) -> bool:
+        """Whether any row has min_p."""
+        return bool(self._rows)
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        """Track rows with min_p > 0 (greedy rows never sample, so they are left out)."""
+        def make(p: SamplingParams, _prompt: list[int], _output: list[int]):
+            return p.min_p if p.min_p and not p.greedy else None
+
+        if update_sparse_state(self._rows, batch_update, make):
+            self._min_p = None
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """Mask the low-probability tail of the tracked rows."""
+        if not self._rows:
+            return logits
+        if self._min_p is None or self._min_p.shape[0] != logits.shape[0]:
+            values = np.zeros(logits.shape[0], dtype=np.float32)
+            values[list(self._rows)] = list(self._rows.values())
+            self._min_p = to_device(values, torch.float32, logits.device)
+        probs = logits.softmax(dim=-1)
+        threshold = self._min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        return logits.masked_fill_(probs < threshold, float("-inf"))
+
+
+BUILTIN_PROCESSORS: tuple[type[LogitsProcessor], ...] = (
+    MinTokensLogitsProcessor, LogitBiasLogitsProcessor, MinPLogitsProcessor)
+
+
 class LogitsProcessors:
-    """The built-in processors that apply to one step's batch, in pipeline order."""
+    """The per-step built-ins (allowed ids, bad words, penalties) around the batch-level ones.
+
+    `batch` applies the non-argmax-invariant batch-level processors (min_tokens, logit_bias,
+    custom ones) between bad words and penalties. Without one (unit tests, one-off batches) the
+    built-ins are created over these rows, as if they had just been added at indices 0..N-1.
+    """
 
     def __init__(
         self,
@@ -243,21 +385,25 @@ class LogitsProcessors:
         eos_token_ids: list[int],
         vocab_size: int,
         device: torch.device,
+        batch: BatchLogits | None = None,
     ) -> None:
         self.allowed = AllowedTokens.build(params, vocab_size, device)
         self.bad_words = bad_words_bans(params, output_token_ids, device)
-        self.min_tokens = min_tokens_bans(params, output_token_ids, eos_token_ids, device)
-        self.logit_bias = LogitBias.build(params, device)
+        if batch is None:
+            from sampling.batch_logits import BatchLogits  # it imports this module's built-ins
+
+            batch = BatchLogits.for_rows(params, prompt_token_ids, output_token_ids,
+                                         eos_token_ids, vocab_size, device)
+        self.batch = batch
         self.penalties = Penalties.build(
             params, prompt_token_ids, output_token_ids, vocab_size, device
         )
-        ordered = (self.allowed, self.bad_words, self.min_tokens, self.logit_bias, self.penalties)
-        self._steps = [s for s in ordered if s is not None]
-
-    def __bool__(self) -> bool:
-        return bool(self._steps)
 
     def apply(self, logits: Tensor) -> None:
         """Run every active processor on `logits` [N, V] (float32) in place, in order."""
-        for step in self._steps:
-            step.apply(logits)
+        for step in (self.allowed, self.bad_words):
+            if step is not None:
+                step.apply(logits)
+        self.batch.apply(logits, argmax_invariant=False)
+        if self.penalties is not None:
+            self.penalties.apply(logits)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kernels.gumbel import gumbel_sample
 from kernels.sample import apply_token_bitmask, apply_token_bitmask_ref
+from sampling.batch_logits import BatchLogits
 from sampling.bitmask import GrammarBitmask
 from sampling.logits import LogitsProcessors, to_device
 from sampling.params import SamplingParams
@@ -35,6 +36,9 @@ class SamplingBatch:
     generators: list[torch.Generator | None]  # the row's own generator when params.seed is set
     # Structured outputs: the row's grammar matcher (None: unconstrained). None: no row is.
     grammars: list[RequestGrammar | None] | None = None
+    # The runner's persistent batch-level processors, already told this step's rows
+    # (`set_step_rows`). None: built-ins over these rows only (one-off batches, tests).
+    logits_processors: BatchLogits | None = None
 
 
 @dataclass
@@ -58,9 +62,12 @@ class Sampler:
     3. bad words: -inf on a word's last token when its other tokens end the output
     4. min_tokens: -inf on EOS (unless ignore_eos) and stop_token_ids until min_tokens outputs
     5. logit_bias: add the per-token offsets
+    5b. custom batch-level processors that may change the argmax (`logits_processor.py`);
+       4, 5 and 5b are `LogitsProcessor`s over the persistent batch (`batch_logits.py`)
     6. penalties: repetition (prompt + output), then frequency and presence (output)
     7. greedy rows (temperature ~ 0): argmax
-    8. other rows: / temperature -> top-k -> top-p -> min-p -> sample as argmax(probs / E),
+    8. other rows: / temperature -> top-k -> top-p -> argmax-invariant processors (min-p,
+       custom ones) -> sample as argmax(probs / E),
        E ~ Exp(1) per entry (the exponential race, equivalent to Gumbel-max; no host sync),
        drawn from the row's own generator when seeded, else from torch's default generator
     9. logprobs: the sampled token's raw logprob and rank, plus the top-K raw logprobs
@@ -99,12 +106,13 @@ class Sampler:
             self.eos_token_ids,
             self.vocab_size,
             logits.device,
+            batch.logits_processors,
         )
         processors.apply(logits)
         if all(p.greedy for p in params):
-            sampled = logits.argmax(dim=-1)
+            sampled = logits.argmax(dim=-1)  # argmax-invariant processors are skipped
         else:
-            sampled = _sample_mixed(logits, params, batch.generators)
+            sampled = _sample_mixed(logits, params, batch.generators, processors.batch)
 
         if raw_logprobs is None:
             return SamplerOutput(sampled)
@@ -127,12 +135,16 @@ def gather_logprobs(logprobs: Tensor, token_ids: Tensor, k: int) -> tuple[Tensor
 
 
 def _sample_mixed(
-    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    batch_logits: BatchLogits,
 ) -> Tensor:
     """Steps 7-8 for a batch with at least one random row; returns sampled ids [N]."""
     device, vocab_size = logits.device, logits.shape[1]
     greedy = [p.greedy for p in params]
-    if logits.is_cuda and not any(p.top_k or p.top_p < 1.0 or p.min_p for p in params):
+    # Custom argmax-invariant processors must see the tempered logits: no fused path then.
+    custom_invariant = len(batch_logits.invariant) > 1
+    if logits.is_cuda and not custom_invariant and not any(
+            p.top_k or p.top_p < 1.0 or p.min_p for p in params):
         return _gumbel_fast_path(logits, params, generators, greedy)
     greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
     # Greedy rows ride along (temperature 1, no truncation) so every op keeps the full batch
@@ -152,10 +164,9 @@ def _sample_mixed(
     elif any(top_k):
         apply_top_k(logits, to_device(top_k, torch.int64, device), max(top_k))
 
+    # Argmax-invariant processors (min_p, custom ones) on the tempered, truncated logits.
+    batch_logits.apply(logits, argmax_invariant=True)
     probs = logits.softmax(dim=-1)  # [N, V]
-    min_p = [p.min_p for p in random_params]
-    if any(min_p):
-        apply_min_p(probs, to_device(min_p, torch.float32, device))
     # A greedy row's seed is irrelevant: leave its generator untouched.
     row_generators = [None if g else gen for gen, g in zip(generators, greedy, strict=True)]
     unseeded = any(not g and gen is None for gen, g in zip(generators, greedy, strict=True))
@@ -207,12 +218,6 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor) -> No
     drop[:, -1] = False
     sorted_logits.masked_fill_(drop, float("-inf"))
     logits.scatter_(1, order, sorted_logits)
-
-
-def apply_min_p(probs: Tensor, min_p: Tensor) -> None:
-    """Zero `probs` [N, V] below min_p [N] times the row's top probability, in place."""
-    threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
-    probs.masked_fill_(probs < threshold, 0.0)
 
 
 def exponential_sample(

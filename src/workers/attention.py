@@ -74,6 +74,8 @@ class Attention(nn.Module):
         # [2, N, P, Hkv, D]; bound by the model's `bind_kv_cache`. Empty until then (memory
         # profiling runs the model before the cache exists).
         self.kv_cache = torch.empty(0)
+        # `--batch-invariant`: one kernel (and reduction order) for every row, whatever the batch.
+        self.batch_invariant = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]."""
@@ -88,10 +90,12 @@ class Attention(nn.Module):
         elif q.is_cuda:
             store_kv(k, v, self.kv_cache, meta.slot_mapping)
             out = paged_attention(q, self.kv_cache, meta.query_start_loc, meta.seq_lens,
-                                  meta.block_tables, self.scale, meta.max_query_len)
+                                  meta.block_tables, self.scale, meta.max_query_len,
+                                  batch_invariant=self.batch_invariant)
         else:
             # CPU runs (tests, no GPU): the torch references, no Triton interpreter.
             store_kv_ref(k, v, self.kv_cache, meta.slot_mapping)
             out = paged_attention_ref(q, self.kv_cache, meta.query_start_loc, meta.seq_lens,
-                                      meta.block_tables, self.scale)
+                                      meta.block_tables, self.scale,
+                                      batch_invariant=self.batch_invariant)
         return out.view(num_tokens, self.num_heads * self.head_dim)

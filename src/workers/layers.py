@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kernels.matmul import batch_invariant_linear, batch_invariant_linear_ref
 from kernels.norm import rms_norm, rms_norm_ref
 from kernels.rotary import rotary_embedding, rotary_embedding_ref
 
@@ -149,8 +150,20 @@ class RotaryEmbedding(nn.Module):
 # ---------------------------------------------------------------- linear layers
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           batch_invariant: bool) -> torch.Tensor:
+    """x [T, K] W^T (+ b); batch-invariant: fixed-tile kernel (CUDA) or row by row (CPU)."""
+    if not batch_invariant:
+        return F.linear(x, weight, bias)
+    if x.is_cuda:
+        return batch_invariant_linear(x, weight, bias)
+    return batch_invariant_linear_ref(x, weight, bias)
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b); column- and row-parallel subclasses in `workers.parallel_layers`."""
+
+    batch_invariant = False  # set per instance by the runner (`--batch-invariant`)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  loader: WeightLoader = default_weight_loader) -> None:
@@ -159,7 +172,7 @@ class Linear(nn.Module):
         self.bias = _new_param(out_features, loader=loader) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.batch_invariant)
 
 
 class MergedLinear(Linear):
@@ -225,5 +238,7 @@ class LMHead(nn.Module):
         self.weight = tied_to.weight if tied_to is not None else _new_param(vocab_size,
                                                                              hidden_size)
 
+    batch_invariant = False  # set per instance by the runner (`--batch-invariant`)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+        return linear(hidden, self.weight, None, self.batch_invariant).float()

@@ -24,6 +24,8 @@ import torch
 
 from enginecore.config import EngineConfig
 from enginecore.protocol import ExecuteStep, LoRARef, MMInput, NewReq, StepResult, TokenLogprobs
+from sampling.batch_logits import BatchLogits
+from sampling.logits_processor import ProcessorContext, load_logits_processors
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from sampling.structured import GrammarCompiler, RequestGrammar
@@ -31,10 +33,12 @@ from workers.attention import AttnMetadata, set_forward_context
 from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
+from workers.loader import load_weights
 from workers.lora import LoRAManager
 from workers.models import load_model
 from workers.multimodal import MultiModalRunner
 from workers.parallel import SINGLE, TPGroup
+from workers.persistent_batch import PersistentBatch
 
 _MASK63 = (1 << 63) - 1
 
@@ -53,6 +57,7 @@ class CachedRequestState:
     mrope: np.ndarray | None = None  # M-RoPE prompt positions [3, P] (None: text only)
     mrope_delta: int = 0  # generated token i sits at position i + mrope_delta
     lora: LoRARef | None = None  # the request's LoRA adapter (None: the base model)
+    prompt_embeds: torch.Tensor | None = None  # [L, H]: decoder inputs of prompt positions < L
 
     @property
     def num_tokens(self) -> int:
@@ -83,6 +88,8 @@ class StepInputs:
     mrope: np.ndarray | None = None
     mm_embeds: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # requests whose LoRA adapter failed
+    # Prompt-embedding rows: (first token index in T, rows [n, H]) replacing the embedded ids
+    embeds: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -96,6 +103,10 @@ class ModelRunner:
         self.tp = tp
         self.block_size = config.cache.block_size
         self.model = load_model(config.model.model, dtype, device, config.model.load_format, tp)
+        if config.model.batch_invariant:  # layers that have a batch-invariant path switch to it
+            for module in self.model.modules():
+                if hasattr(module, "batch_invariant"):
+                    module.batch_invariant = True
         self.sampler = Sampler(config.model.vocab_size, config.model.eos_token_ids)
         # Matchers live here, not in the engine core: with async scheduling only the workers
         # know a step's sampled token before the next step runs. Only the sampling rank needs
@@ -104,6 +115,13 @@ class ModelRunner:
                                         config.model.vocab_size, config.model.eos_token_ids
                                         ) if tp.is_first else None
         self.requests: dict[str, CachedRequestState] = {}
+        # Row order seen by batch-level logits processors (built-in and --logits-processors).
+        self.batch = PersistentBatch()
+        context = ProcessorContext(vocab_size=config.model.vocab_size,
+                                   eos_token_ids=tuple(config.model.eos_token_ids),
+                                   max_num_seqs=config.scheduler.max_num_seqs)
+        self.logits_processors = BatchLogits.create(
+            context, device, load_logits_processors(config.model.logits_processors))
         self.kv_caches: list[torch.Tensor] = []
         sched = config.scheduler
         self.max_blocks_per_req = -(-config.model.max_model_len // self.block_size)
@@ -119,6 +137,7 @@ class ModelRunner:
         # kernels.
         self.lora = LoRAManager(config, self.model, device, dtype, self.buffers.input_ids.shape[0]
                                 ) if config.lora.enable_lora else None
+        self.num_blocks = 0
 
     # ------------------------------------------------------------ KV cache
 
@@ -127,14 +146,24 @@ class ModelRunner:
         elems = int(np.prod(shape))
         return elems * torch.empty((), dtype=self.dtype).element_size() * self.model.num_layers
 
-    def init_kv_cache(self, num_blocks: int) -> None:
+    def init_kv_cache(self, num_blocks: int, capture: bool = True) -> None:
         shape = self.model.kv_cache_shape(num_blocks, self.block_size)
+        self.num_blocks = num_blocks
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.model.num_layers)]
         self.model.bind_kv_cache(self.kv_caches)
+        if capture:
+            self.capture_graphs()
+
+    def capture_graphs(self) -> None:
+        """Capture the decode CUDA graphs (CUDA, not enforce_eager); needs weights and cache."""
         if self.device.type == "cuda" and not self.config.model.enforce_eager:
             self.graphs = CudaGraphs(self.model, self.buffers, self.config.scheduler.max_num_seqs)
             self.graphs.capture()
+
+    def reload_weights(self, path: str) -> None:
+        """Load every parameter again from the checkpoint at `path` (same architecture)."""
+        load_weights(self.model, path)
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -192,8 +221,12 @@ class ModelRunner:
             state = self.requests.pop(req_id, None)
             if state is not None:
                 self.block_table.free_row(state.row)
+        added = []
         for new in step.new:
-            self.requests[new.req_id] = self._new_state(new)
+            state = self.requests[new.req_id] = self._new_state(new)
+            added.append((state.req_id, state.sampling, state.prompt_token_ids,
+                          state.output_token_ids))
+        self.logits_processors.update_state(self.batch.update(step.finished, added))
         cached = step.cached
         for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
                                                    cached.num_computed_tokens, strict=True):
@@ -211,8 +244,13 @@ class ModelRunner:
             structured, new.output_token_ids, new.prompt_token_ids)
         mrope, delta = (None, 0) if self.mm is None else self.mm.prompt_positions(
             len(new.prompt_token_ids), new.mm_inputs)
+        embeds = None
+        if new.prompt_embeds is not None:
+            e = new.prompt_embeds
+            embeds = torch.frombuffer(bytearray(e.data), dtype=getattr(torch, e.dtype)).view(
+                *e.shape).to(self.device, self.dtype)
         return CachedRequestState(
-            req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
+            prompt_embeds=embeds, req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
             sampling=new.sampling, num_computed_tokens=new.num_computed_tokens,
             row=self.block_table.add_row(new.block_ids),
             output_token_ids=list(new.output_token_ids), generator=generator, grammar=grammar,
@@ -255,23 +293,35 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_reqs: list[CachedRequestState] = []
         prompt_lp: list[tuple[CachedRequestState, int, int, int]] = []
+        embeds: list[tuple[int, torch.Tensor]] = []
         for state, a, b, last in zip(reqs, start.tolist(), end.tolist(), cu.tolist(),
                                      strict=True):
             if b == state.num_tokens:
                 sample_rows.append(last - 1)
                 sample_reqs.append(state)
             num_prompt = len(state.prompt_token_ids)
+            if state.prompt_embeds is not None and a < num_prompt:
+                embeds.append((last - (b - a), state.prompt_embeds[a: min(b, num_prompt)]))
             if state.sampling.prompt_logprobs is not None and a < num_prompt - 1:
                 # Position p's logits score prompt token p + 1.
                 prompt_lp.append((state, last - (b - a), a, min(b, num_prompt - 1) - a))
         inputs = StepInputs(num_tokens=num_tokens, num_reqs=num_reqs, num_cols=num_cols,
                             max_query_len=int(n.max()), max_seq_len=max_seq_len,
                             sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp,
-                            failed=failed)
+                            failed=failed, embeds=embeds)
         if self.mm is not None:
             self._prepare_mm(inputs, reqs, start.tolist(), end.tolist(), (cu - n).tolist())
+        self._order_samples(inputs)
         return inputs
 
+    def _order_samples(self, inputs: StepInputs) -> None:
+        """Sampling rows in persistent-batch order: when every live request samples, the logits
+        rows are the batch-level processors' rows as they are (no scatter)."""
+        index = self.batch.index
+        order = sorted(range(len(inputs.sample_reqs)),
+                       key=lambda i: index[inputs.sample_reqs[i].req_id])
+        inputs.sample_reqs = [inputs.sample_reqs[i] for i in order]
+        inputs.sample_rows = [inputs.sample_rows[i] for i in order]
     def _prepare_mm(self, inputs: StepInputs, reqs: list[CachedRequestState],
                     starts: list[int], ends: list[int], bases: list[int]) -> None:
         """M-RoPE positions and placeholder embeddings of the step (vision-language models)."""
@@ -289,7 +339,7 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H]: replayed from a CUDA graph for decode steps, else eager."""
         buf = self.buffers
-        plain = inputs.mrope is None and not inputs.mm_embeds
+        plain = inputs.mrope is None and not inputs.mm_embeds and not inputs.embeds
         if self.graphs is not None and inputs.max_query_len == 1 and plain:
             size = self.graphs.bucket(inputs.num_reqs)
             if size is not None:
@@ -302,13 +352,23 @@ class ModelRunner:
         with set_forward_context(meta):
             if plain:
                 return self.model(ids, positions)
-            assert self.mm is not None
-            if inputs.mrope is not None:
-                positions = torch.from_numpy(inputs.mrope).to(self.device, non_blocking=True)
-            return self.model(ids, positions, self.mm.inputs_embeds(ids, inputs.mm_embeds))
+            inputs_embeds = None
+            if inputs.mrope is not None or inputs.mm_embeds:
+                assert self.mm is not None
+                if inputs.mrope is not None:
+                    positions = torch.from_numpy(inputs.mrope).to(self.device, non_blocking=True)
+                inputs_embeds = self.mm.inputs_embeds(ids, inputs.mm_embeds)
+            if inputs.embeds:  # prompt embeddings replace the placeholder ids' embedding rows
+                if inputs_embeds is None:
+                    inputs_embeds = self.model.embed_input_ids(ids)
+                for offset, rows in inputs.embeds:
+                    inputs_embeds[offset: offset + rows.shape[0]] = rows
+            return self.model(ids, positions, inputs_embeds)
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
-        reqs = inputs.sample_reqs
+        reqs = inputs.sample_reqs  # in persistent-batch order (`_order_samples`)
+        index = self.batch.index
+        self.logits_processors.set_step_rows([index[r.req_id] for r in reqs])
         rows = torch.tensor(inputs.sample_rows, dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32, rank 0
         out = None
@@ -342,7 +402,7 @@ class ModelRunner:
             output_token_ids=[r.output_token_ids for r in reqs],
             generators=[r.generator for r in reqs],
             grammars=[r.grammar for r in reqs] if any(r.grammar is not None for r in reqs)
-            else None)
+            else None, logits_processors=self.logits_processors)
         for r in reqs:
             if r.generator is not None:
                 # Re-seed from (seed, output position): seeded output then depends on nothing

@@ -28,7 +28,10 @@ from enginecore.protocol import (
     InitKVCache,
     MemoryReport,
     ProfileMemory,
+    ReloadWeights,
     Shutdown,
+    Sleep,
+    WakeUp,
     WorkerError,
     encode,
     worker_input_decoder,
@@ -37,6 +40,7 @@ from shm import BroadcastQueue
 from workers.models import read_hf_config, resolve_dtype
 from workers.parallel import destroy_tp_group, init_tp_group
 from workers.runner import ModelRunner
+from workers.sleep_mode import SleepMode
 
 logger = logging.getLogger("workers")
 
@@ -71,6 +75,7 @@ class Worker:
         self.dtype = resolve_dtype(config.model.dtype, self.device,
                                    read_hf_config(config.model.model))
         self.runner = ModelRunner(config, self.device, self.dtype, self.tp)
+        self.sleep_mode = SleepMode(self.runner)
         if self.tp.size > 1:
             # A rank blocked in a collective never polls the rings: watch the parent instead.
             threading.Thread(target=self._exit_with_parent, daemon=True).start()
@@ -113,7 +118,28 @@ class Worker:
                 return ControlResult(call_id=call_id, value=num_blocks)
             case Shutdown(call_id=call_id):
                 return ControlResult(call_id=call_id)
+            case Sleep() | WakeUp() | ReloadWeights():
+                return self.sleep_control(msg)
         raise TypeError(f"unexpected worker input {type(msg).__name__}")
+
+    def sleep_control(self, msg: Sleep | WakeUp | ReloadWeights) -> ControlResult:
+        """Sleep-mode calls; a failure is answered (ok=False), not fatal to the engine.
+
+        The value is the device's free memory in bytes afterwards (0 on CPU)."""
+        try:
+            match msg:
+                case Sleep(level=level):
+                    self.sleep_mode.sleep(level)
+                case WakeUp(tags=tags):
+                    self.sleep_mode.wake_up(tags)
+                case ReloadWeights(path=path):
+                    if "weights" in self.sleep_mode.asleep:
+                        raise RuntimeError("weights are asleep: wake_up(tags=['weights']) first")
+                    self.runner.reload_weights(path)
+        except (ValueError, RuntimeError, OSError, KeyError) as e:
+            return ControlResult(call_id=msg.call_id, ok=False, error=str(e))
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        return ControlResult(call_id=msg.call_id, value=free)
 
     def available_kv_bytes(self) -> int:
         """Bytes the KV cache may use: measured on GPU, configured on CPU."""

@@ -34,7 +34,9 @@ def test_openapi_document_lists_the_routes(server):
     body = spec["paths"]["/v1/completions"]["post"]["requestBody"]
     ref = body["content"]["application/json"]["schema"]["$ref"]
     request = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
-    assert "prompt" in request["required"] and request["properties"]["n"]["type"] == "integer"
+    # `prompt` is optional since `prompt_embeds` may replace it (as in vLLM); one is required.
+    assert {"prompt", "prompt_embeds"} <= set(request["properties"])
+    assert request["properties"]["n"]["type"] == "integer"
 
 
 def test_fuzzed_requests_never_answer_5xx(server):

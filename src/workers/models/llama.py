@@ -215,9 +215,16 @@ class LlamaForCausalLM(nn.Module):
     def num_layers(self) -> int:
         return self.args.num_layers
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions [T] int64 -> hidden [T, H]; needs a forward context."""
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [T] int64 -> hidden [T, H]; needs a forward context.
+
+        inputs_embeds [T, H]: the decoder's input rows, used instead of embedding input_ids."""
+        return self.model(input_ids, positions, inputs_embeds)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> the embedding rows [T, H] the decoder would start from."""
+        return self.model.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [N, H] -> fp32 logits [N, V] on TP rank 0; None on the other ranks.

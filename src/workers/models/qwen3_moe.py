@@ -146,6 +146,7 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     num_layers = LlamaForCausalLM.num_layers
     forward = LlamaForCausalLM.forward
+    embed_input_ids = LlamaForCausalLM.embed_input_ids
     compute_logits = LlamaForCausalLM.compute_logits
     kv_cache_shape = LlamaForCausalLM.kv_cache_shape
     bind_kv_cache = LlamaForCausalLM.bind_kv_cache
