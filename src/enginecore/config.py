@@ -70,6 +70,26 @@ class StructuredOutputsConfig(msgspec.Struct, frozen=True, kw_only=True):
     disable_additional_properties: bool = False
 
 
+class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`--speculative-config`: speculative decoding (docs/spec_decode.md); off by default."""
+
+    # ngram | draft_model | eagle | eagle3 | mtp; None: off, or "draft_model" when `model` is set
+    method: str | None = None
+    num_speculative_tokens: int = 0  # draft tokens proposed per request per step (k)
+    model: str | None = None  # draft model / EAGLE head directory (draft_model, eagle, eagle3)
+    prompt_lookup_min: int = 1  # ngram: shortest suffix n-gram to match
+    prompt_lookup_max: int = 3  # ngram: longest suffix n-gram to match (tried first)
+    draft_tensor_parallel_size: int = 1  # only 1 is supported
+
+    @property
+    def enabled(self) -> bool:
+        """True when steps carry draft tokens."""
+        return self.method is not None and self.num_speculative_tokens > 0
+
+
+SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp")
+
+
 # vLLM's backends that this engine does not implement: named in the error a user gets.
 _OTHER_BACKENDS = ("xgrammar", "outlines", "lm-format-enforcer")
 
@@ -80,14 +100,21 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
     structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
 
     @classmethod
     def create(cls, model: str, **kwargs: object) -> EngineConfig:
         """Build from flat vLLM-style keyword names (`max_num_seqs=...`) and validate.
 
-        `structured_outputs_config` takes a StructuredOutputsConfig, a dict or its JSON text.
+        `structured_outputs_config` and `speculative_config` take their struct, a dict or its
+        JSON text.
         """
         structured = _structured_outputs_config(kwargs.pop("structured_outputs_config", None))
+        speculative = _speculative_config(kwargs.pop("speculative_config", None))
+        if speculative.enabled and kwargs.get("async_scheduling") is None:
+            # The core cannot schedule step N+1 before it knows how many of step N's drafts
+            # survived: speculation runs one step at a time (as in vLLM).
+            kwargs["async_scheduling"] = False
         groups: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
                                                 "scheduler": {}, "parallel": {}}
         owners = {name: group for group, struct in _GROUPS.items()
@@ -99,7 +126,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                 groups[owners[key]][key] = value
         cfg = cls(model=ModelConfig(**groups["model"]), cache=CacheConfig(**groups["cache"]),
                   scheduler=SchedulerConfig(**groups["scheduler"]),
-                  parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured)
+                  parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured,
+                  speculative=speculative)
         return cfg.resolved()
 
     def resolved(self) -> EngineConfig:
@@ -139,6 +167,30 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                 if backend in _OTHER_BACKENDS else "unknown"
             raise ValueError(f"structured outputs backend {backend!r} is {known}; choose 'auto' "
                              "or 'guidance' (llguidance)")
+        self._validate_speculative()
+
+    def _validate_speculative(self) -> None:
+        spec = self.speculative
+        if spec.method is None and spec.num_speculative_tokens == 0:
+            return
+        if spec.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}"
+                             f"; got {spec.method!r}")
+        if spec.num_speculative_tokens < 1:
+            raise ValueError("speculative_config.num_speculative_tokens must be >= 1, got "
+                             f"{spec.num_speculative_tokens}")
+        if spec.draft_tensor_parallel_size != 1:
+            raise ValueError("speculative_config.draft_tensor_parallel_size must be 1 (the draft "
+                             f"runs unsharded), got {spec.draft_tensor_parallel_size}")
+        if spec.method in ("draft_model", "eagle", "eagle3") and not spec.model:
+            raise ValueError(f"speculative_config.model is required for method {spec.method!r}")
+        if spec.method == "ngram" and not 1 <= spec.prompt_lookup_min <= spec.prompt_lookup_max:
+            raise ValueError("speculative_config: need 1 <= prompt_lookup_min <= "
+                             f"prompt_lookup_max, got {spec.prompt_lookup_min} and "
+                             f"{spec.prompt_lookup_max}")
+        if self.scheduler.async_scheduling:
+            raise ValueError("speculative decoding needs async_scheduling off (the core must "
+                             "know how many drafts were accepted before scheduling the next step)")
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -163,6 +215,22 @@ def _structured_outputs_config(value: object) -> StructuredOutputsConfig:
         return msgspec.convert(value, StructuredOutputsConfig)
     except msgspec.DecodeError as e:  # bad JSON, or a wrong field type
         raise ValueError(f"structured_outputs_config: {e}") from None
+
+
+def _speculative_config(value: object) -> SpeculativeConfig:
+    if value is None or isinstance(value, SpeculativeConfig):
+        spec = value or SpeculativeConfig()
+    else:
+        try:
+            if isinstance(value, str | bytes):
+                spec = msgspec.json.decode(value, type=SpeculativeConfig)
+            else:
+                spec = msgspec.convert(value, SpeculativeConfig)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ValueError(f"speculative_config: {e}") from None
+    if spec.method is None and spec.model:
+        spec = msgspec.structs.replace(spec, method="draft_model")
+    return spec
 
 
 def read_checkpoint_info(model_dir: str) -> dict:

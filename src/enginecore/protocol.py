@@ -82,6 +82,12 @@ class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
     prefix_cache_hits: int = 0  # cumulative prompt tokens found cached
     num_preemptions: int = 0  # cumulative
     step_count: int = 0
+    # Speculative decoding, cumulative: verifications (a request with >= 1 draft in a step),
+    # draft tokens verified, drafts accepted, and accepted drafts by position (index 0: first).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = []
 
 
 class ControlResult(msgspec.Struct, tag="control_result", array_like=True, omit_defaults=True):
@@ -144,6 +150,9 @@ class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
     num_scheduled_tokens: dict[str, int]
     # Requests to forget before this step runs: finished, aborted or preempted.
     finished: list[str] = []
+    # Speculative decoding: draft tokens to verify, appended after each request's known tokens
+    # (they are counted in num_scheduled_tokens). Requests without drafts are absent.
+    scheduled_spec_tokens: dict[str, list[int]] = {}
 
 
 class InitKVCache(msgspec.Struct, tag="init_kv", array_like=True):
@@ -172,6 +181,11 @@ class StepResult(msgspec.Struct, tag="step", array_like=True, omit_defaults=True
     logprobs: list[TokenLogprobs | None] | None = None  # aligned with req_ids when any asked
     prompt_logprobs: dict[str, TokenLogprobs] | None = None
     num_nans: int = 0
+    # Speculative decoding, aligned with req_ids: every token the request produced this step
+    # (its accepted drafts, then one sampled token; `sampled` holds that last one) ...
+    spec_token_ids: list[list[int]] | None = None
+    # ... and the drafts proposed for its next step (empty: none).
+    draft_token_ids: list[list[int]] | None = None
 
 
 class MemoryReport(msgspec.Struct, tag="memory", array_like=True):

@@ -7,8 +7,10 @@ are the single source of the flags. Every field becomes a vLLM-style flag (`max_
 trailing comment (or the comment lines just above it) becomes the help text. Engine flags default
 to None, so only what the user set reaches `EngineConfig.create`, whose struct defaults fill the
 rest.
-`--structured-outputs-config` is the one hand-written flag: vLLM's JSON form
-(`'{"backend": "guidance", "disable_any_whitespace": true}'`) of `StructuredOutputsConfig`.
+`--structured-outputs-config` and `--speculative-config` are the hand-written flags: vLLM's JSON
+forms (`'{"backend": "guidance", "disable_any_whitespace": true}'`,
+`'{"method": "ngram", "num_speculative_tokens": 3}'`) of `StructuredOutputsConfig` and
+`SpeculativeConfig`.
 """
 
 from __future__ import annotations
@@ -149,6 +151,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
         "--structured-outputs-config", default=None, metavar="JSON",
         help='structured outputs settings as JSON: {"backend": "auto" | "guidance", '
              '"disable_any_whitespace": bool, "disable_additional_properties": bool}')
+    parser.add_argument(
+        "--speculative-config", default=None, metavar="JSON",
+        help='speculative decoding as JSON: {"method": "ngram" | "draft_model" | "eagle" | '
+             '"eagle3" | "mtp", "num_speculative_tokens": int, "model": path, '
+             '"prompt_lookup_min": int, "prompt_lookup_max": int}')
     server_group = parser.add_argument_group("ServerConfig")
     server_dests = _add_struct_flags(server_group, ServerConfig, engine=False)
     return parser, engine_dests, server_dests
@@ -161,6 +168,8 @@ def parse_serve_args(argv: list[str]) -> tuple[str | None, dict[str, Any], Serve
     engine_kwargs = {d: getattr(args, d) for d in engine_dests if getattr(args, d) is not None}
     if args.structured_outputs_config is not None:
         engine_kwargs["structured_outputs_config"] = args.structured_outputs_config
+    if args.speculative_config is not None:
+        engine_kwargs["speculative_config"] = args.speculative_config
     try:
         server = ServerConfig(**{d: v for d in server_dests if (v := getattr(args, d)) is not None})
         server.validate()
