@@ -88,6 +88,13 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
 
 SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp")
+# Accepted names whose drafter is not built yet, and what is missing (issue #10).
+_SPEC_MISSING = {
+    "eagle3": "EAGLE-3 heads need the target's auxiliary hidden states from three layers and the "
+              "draft-to-target vocabulary map (d2t)",
+    "mtp": "MTP needs a target architecture with its own multi-token-prediction layers "
+           "(DeepSeek-V3, Qwen3-Next, ...), none of which this engine runs",
+}
 
 
 # vLLM's backends that this engine does not implement: named in the error a user gets.
@@ -176,6 +183,10 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         if spec.method not in SPEC_METHODS:
             raise ValueError(f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}"
                              f"; got {spec.method!r}")
+        if spec.method in _SPEC_MISSING:
+            raise ValueError(f"speculative_config.method {spec.method!r} is not implemented: "
+                             f"{_SPEC_MISSING[spec.method]}; use 'ngram', 'draft_model' or "
+                             "'eagle'")
         if spec.num_speculative_tokens < 1:
             raise ValueError("speculative_config.num_speculative_tokens must be >= 1, got "
                              f"{spec.num_speculative_tokens}")

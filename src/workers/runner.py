@@ -20,6 +20,7 @@ import torch
 from enginecore.config import EngineConfig
 from enginecore.protocol import ExecuteStep, NewReq, StepResult, TokenLogprobs
 from sampling.params import SamplingParams
+from sampling.rejection import verify_drafts
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from sampling.structured import GrammarCompiler, RequestGrammar
 from workers.attention import AttnMetadata, set_forward_context
@@ -27,6 +28,7 @@ from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
 from workers.models import load_model
+from workers.spec import SpecDecoder
 
 _MASK63 = (1 << 63) - 1
 
@@ -41,13 +43,20 @@ class CachedRequestState:
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     grammar: RequestGrammar | None = None  # structured outputs: this request's matcher
+    # Speculative decoding: the drafts this step verifies (they follow the known tokens).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without concatenating the two lists."""
+        """Tokens [start, end) of prompt + output (+ this step's drafts), without concatenating
+        the lists."""
+        known = self.num_tokens
+        if end > known:
+            drafts = self.spec_token_ids[max(start, known) - known: end - known]
+            return (self.token_slice(start, known) if start < known else []) + drafts
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
@@ -67,6 +76,9 @@ class StepInputs:
     sample_reqs: list[CachedRequestState]
     # Prompt-logprob requests: (state, first token index in T, first position, count of rows)
     prompt_lp: list[tuple[CachedRequestState, int, int, int]]
+    # Speculative decoding: (state, num_computed before the step, num scheduled, first index in
+    # T) of every request in the step, for the drafter.
+    entries: list[tuple[CachedRequestState, int, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -93,19 +105,26 @@ class ModelRunner:
         self.buffers = InputBuffers(max(sched.max_num_batched_tokens, sched.max_num_seqs),
                                     sched.max_num_seqs, self.max_blocks_per_req, device)
         self.graphs: CudaGraphs | None = None
+        self.spec: SpecDecoder | None = None
+        if config.speculative.enabled:
+            self.spec = SpecDecoder(config, self.model, self.block_table, device, dtype)
 
     # ------------------------------------------------------------ KV cache
 
     def bytes_per_block(self) -> int:
         shape = self.model.kv_cache_shape(1, self.block_size)
         elems = int(np.prod(shape))
-        return elems * torch.empty((), dtype=self.dtype).element_size() * self.model.num_layers
+        drafter = self.spec.bytes_per_block() if self.spec is not None else 0
+        return (elems * torch.empty((), dtype=self.dtype).element_size() * self.model.num_layers
+                + drafter)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         shape = self.model.kv_cache_shape(num_blocks, self.block_size)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.model.num_layers)]
         self.model.bind_kv_cache(self.kv_caches)
+        if self.spec is not None:
+            self.spec.init_kv_cache(num_blocks)
         if self.device.type == "cuda" and not self.config.model.enforce_eager:
             self.graphs = CudaGraphs(self.model, self.buffers, self.config.scheduler.max_num_seqs)
             self.graphs.capture()
@@ -146,6 +165,8 @@ class ModelRunner:
             result.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         if inputs.sample_reqs:
             self._sample(hidden, inputs, result)
+        if self.spec is not None:
+            result.draft_token_ids = self.spec.propose(inputs.entries, hidden, inputs.sample_reqs)
         return result
 
     def _update_states(self, step: ExecuteStep) -> None:
@@ -161,6 +182,10 @@ class ModelRunner:
             state = self.requests[req_id]
             self.block_table.append(state.row, block_ids)
             state.num_computed_tokens = num_computed
+        if self.spec is not None:
+            spec = step.scheduled_spec_tokens
+            for req_id in step.num_scheduled_tokens:
+                self.requests[req_id].spec_token_ids = spec.get(req_id, [])
 
     def _new_state(self, new: NewReq) -> CachedRequestState:
         generator = None
@@ -213,16 +238,19 @@ class ModelRunner:
         prompt_lp: list[tuple[CachedRequestState, int, int, int]] = []
         for state, a, b, last in zip(reqs, start.tolist(), end.tolist(), cu.tolist(),
                                      strict=True):
-            if b == state.num_tokens:
+            if b - len(state.spec_token_ids) == state.num_tokens:
                 sample_rows.append(last - 1)
                 sample_reqs.append(state)
             num_prompt = len(state.prompt_token_ids)
             if state.sampling.prompt_logprobs is not None and a < num_prompt - 1:
                 # Position p's logits score prompt token p + 1.
                 prompt_lp.append((state, last - (b - a), a, min(b, num_prompt - 1) - a))
+        entries = [] if self.spec is None else list(zip(
+            reqs, start.tolist(), n.tolist(), (cu - n).tolist(), strict=True))
         return StepInputs(num_tokens=num_tokens, num_reqs=num_reqs, num_cols=num_cols,
                           max_query_len=int(n.max()), max_seq_len=max_seq_len,
-                          sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp)
+                          sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp,
+                          entries=entries)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H]: replayed from a CUDA graph for decode steps, else eager."""
@@ -240,7 +268,42 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
         reqs = inputs.sample_reqs
-        rows = torch.tensor(inputs.sample_rows, dtype=torch.int64, device=self.device)
+        verify = [i for i, r in enumerate(reqs) if r.spec_token_ids]
+        if not verify:
+            self._sample_rows(hidden, reqs, inputs.sample_rows, result)
+            return
+        # Speculative decoding: plain rows sample as usual, requests with drafts verify them.
+        plain = [i for i, r in enumerate(reqs) if not r.spec_token_ids]
+        tokens: list[list[int]] = [[] for _ in reqs]
+        part = StepResult(step_id=result.step_id, req_ids=[], sampled=[])
+        if plain:
+            self._sample_rows(hidden, [reqs[i] for i in plain],
+                              [inputs.sample_rows[i] for i in plain], part)
+            for i, token in zip(plain, part.sampled, strict=True):
+                tokens[i] = [token]
+        verified = [reqs[i] for i in verify]
+        rows = [row for i in verify for row in range(
+            inputs.sample_rows[i] - len(reqs[i].spec_token_ids), inputs.sample_rows[i] + 1)]
+        logits = self.model.compute_logits(
+            hidden.index_select(0, torch.tensor(rows, dtype=torch.int64, device=self.device)))
+        kept = verify_drafts(logits, [r.sampling for r in verified],
+                             [r.spec_token_ids for r in verified])
+        for i, state, new in zip(verify, verified, kept, strict=True):
+            tokens[i] = new
+            state.output_token_ids.extend(new)
+        result.req_ids = [r.req_id for r in reqs]
+        result.sampled = [t[-1] for t in tokens]
+        result.spec_token_ids = tokens
+        result.num_nans = part.num_nans
+        if part.logprobs is not None:
+            result.logprobs = [None] * len(reqs)
+            for i, lp in zip(plain, part.logprobs, strict=True):
+                result.logprobs[i] = lp
+
+    def _sample_rows(self, hidden: torch.Tensor, reqs: list[CachedRequestState],
+                     sample_rows: list[int], result: StepResult) -> None:
+        """One token per request from its row of `hidden`, into `result`."""
+        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32
         batch = SamplingBatch(
             params=[r.sampling for r in reqs],
