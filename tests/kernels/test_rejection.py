@@ -10,6 +10,8 @@ import torch
 
 from kernels.rejection import rejection_sample, rejection_sample_ref
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def _inputs(b: int, k: int, v: int, seed: int, with_q: bool, greedy_rows: list[bool]):
     gen = torch.Generator().manual_seed(seed)
@@ -27,13 +29,16 @@ def _inputs(b: int, k: int, v: int, seed: int, with_q: bool, greedy_rows: list[b
     return (drafts, num_draft, p, q, p.argmax(-1), torch.tensor(greedy_rows), uniform, noise)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_q", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_kernel_matches_reference(with_q, seed):
-    b, k, v = 6, 3, 50  # v not a multiple of the block: exercises the tail mask
+def test_kernel_matches_reference(with_q, seed, device):
+    # v not a multiple of the block: exercises the tail mask; on CUDA also a real vocab size.
+    b, k, v = (6, 3, 50) if device == "cpu" else (6, 4, 128256)
     args = _inputs(b, k, v, seed, with_q, [False, True, False, False, True, False])
-    out = rejection_sample(*args)
-    ref = rejection_sample_ref(*args)
+    args = tuple(a.to(device) if a is not None else None for a in args)
+    out = rejection_sample(*args).cpu()
+    ref = rejection_sample_ref(*args).cpu()
     assert torch.equal(out, ref), (out, ref)
     num_draft = args[1]
     for i in range(b):  # row layout: accepted drafts, one token, then -1 padding

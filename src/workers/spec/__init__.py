@@ -40,7 +40,7 @@ class SpecDecoder:
             assert spec.model is not None
             eagle = spec.method == "eagle"
             model = (load_eagle(spec.model, target, dtype, device) if eagle
-                     else load_model(spec.model, dtype, device))
+                     else load_model(spec.model, dtype, device, config.model.load_format))
             if getattr(model, "args", None) is not None and \
                     model.args.vocab_size != config.model.vocab_size:
                 raise ValueError(f"speculative_config.model {spec.model!r} has vocab size "
