@@ -59,24 +59,24 @@ def _rejection_kernel(out_ptr, draft_ptr, num_draft_ptr, p_ptr, q_ptr, argmax_pt
     token = tl.load(argmax_ptr + row)
     if greedy_flag == 0:
         rejected = accepted < n
-        d = tl.load(draft_ptr + b * K + accepted, mask=rejected, other=-1)
+        rejected_draft = tl.load(draft_ptr + b * K + accepted, mask=rejected, other=-1)
         best = tl.full([BLOCK_V], -1.0, tl.float32)
         best_idx = tl.zeros([BLOCK_V], tl.int64)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < V
-            p = tl.load(p_ptr + row * V + offs, mask=mask, other=0.0)
+            p_blk = tl.load(p_ptr + row * V + offs, mask=mask, other=0.0)
             if HAS_Q:
-                q = tl.load(q_ptr + (b * K + accepted) * V + offs, mask=mask & rejected,
-                            other=0.0)
+                q_blk = tl.load(q_ptr + (b * K + accepted) * V + offs, mask=mask & rejected,
+                                other=0.0)
             else:
-                q = tl.where(offs == d, 1.0, 0.0)
-            r = tl.maximum(p - q, 0.0)  # q is 0 everywhere when no draft was rejected
+                q_blk = tl.where(offs == rejected_draft, 1.0, 0.0)
+            r = tl.maximum(p_blk - q_blk, 0.0)  # q is 0 everywhere when no draft was rejected
             e = tl.load(noise_ptr + b * V + offs, mask=mask, other=1.0)
             score = tl.where(mask, r / e, -1.0)
             better = score > best
             best = tl.where(better, score, best)
-            best_idx = tl.where(better, offs, best_idx)
+            best_idx = tl.where(better, offs.to(tl.int64), best_idx)
         top = tl.max(best, axis=0)
         token = tl.min(tl.where(best == top, best_idx, V), axis=0)
     tl.store(out_ptr + row, token)
