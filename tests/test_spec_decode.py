@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from frontend import LLM, SamplingParams
+from sampling.params import StructuredOutputsParams
 
 MAX_NEW = 12
 
@@ -138,33 +139,39 @@ def test_stops_and_fallback_requests(tiny_models):
                                                     repetition_penalty=1.0, min_tokens=2),
                            use_tqdm=False)[0].outputs[0]
         assert out.token_ids == ref[:6]
+        # Structured outputs take no drafts either: the grammar still holds.
+        out = llm.generate([prompt], SamplingParams(
+            temperature=0.0, max_tokens=8,
+            structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
+            use_tqdm=False)[0].outputs[0]
+        assert out.text in ("yes", "no")
         assert llm.get_stats().spec_num_drafts == before
 
 
 def test_sampling_keeps_the_target_distribution(tiny_models):
-    # Joint distribution of the first two sampled tokens under top_k=4: the second comes out of
-    # the rejection sampler (self-draft: a greedy draft accepted with probability p(draft), else
-    # a token from the residual). Chi-square against transformers' exact probabilities; the
-    # threshold sits at a p-value of about 1e-5 for 15 degrees of freedom, so it holds for any
-    # seed in practice.
+    # Joint distribution of the first two sampled tokens under top_k=3, through the whole
+    # engine: the second comes out of the rejection sampler (self-draft: a greedy draft accepted
+    # with probability p(draft), else a token from the residual). Chi-square against
+    # transformers' exact probabilities; the threshold sits at a p-value of about 1e-5 for 8
+    # degrees of freedom. (tests/test_spec_verify.py checks the same with many more samples.)
     target = tiny_models["qwen3"]
     prompt = prompts(1, seed=7)[0]
     model = hf_model(target)
     with torch.no_grad():
         first = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
-        top1 = torch.topk(first, 4)
+        top1 = torch.topk(first, 3)
         p1 = top1.values / top1.values.sum()
         expected: dict[tuple[int, int], float] = {}
         for t1, q1 in zip(top1.indices.tolist(), p1.tolist(), strict=True):
             second = torch.softmax(model(torch.tensor([prompt + [t1]])).logits[0, -1], -1)
-            top2 = torch.topk(second, 4)
+            top2 = torch.topk(second, 3)
             for t2, q2 in zip(top2.indices.tolist(), (top2.values / top2.values.sum()).tolist(),
                               strict=True):
                 expected[(t1, t2)] = q1 * q2
-    n = 800
+    n = 300
     spec = {"method": "draft_model", "model": target, "num_speculative_tokens": 2}
-    with LLM(target, speculative_config=spec, max_num_seqs=256) as llm:
-        outs = llm.generate([prompt] * n, SamplingParams(temperature=1.0, top_k=4, max_tokens=3),
+    with LLM(target, speculative_config=spec, max_num_seqs=n) as llm:
+        outs = llm.generate([prompt] * n, SamplingParams(temperature=1.0, top_k=3, max_tokens=3),
                             use_tqdm=False)
         stats = llm.get_stats()
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens  # both paths ran
@@ -174,4 +181,4 @@ def test_sampling_keeps_the_target_distribution(tiny_models):
         assert key in expected, key  # outside the top-k support: never
         counts[key] = counts.get(key, 0) + 1
     chi2 = sum((counts.get(key, 0) - n * p) ** 2 / (n * p) for key, p in expected.items())
-    assert chi2 < 45.0, (chi2, counts)
+    assert chi2 < 37.0, (chi2, counts)

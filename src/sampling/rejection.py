@@ -51,13 +51,14 @@ def verify_drafts(logits: Tensor, params: list[SamplingParams],
     for n in num_draft:
         index.append([starts + (j if j <= n else 0) for j in range(k + 1)])
         starts += n + 1
-    padded = logits[to_device(index, torch.int64, device)]  # [B, K+1, V]
+    index_t = to_device(index, torch.int64, device)  # [B, K+1]
     draft_ids = to_device([d + [0] * (k - len(d)) for d in drafts], torch.int64, device)
     greedy = [p.greedy for p in params]
-    target_argmax = padded.argmax(dim=-1)  # [B, K+1]
+    target_argmax = logits.argmax(dim=-1)[index_t]  # [B, K+1]
     probs = noise = None
-    if not all(greedy):
-        probs = _target_probs(padded.reshape(b * (k + 1), vocab_size), params, greedy, k)
+    if not all(greedy):  # the padded [B, K+1, V] copy only when some row samples
+        padded = logits[index_t.flatten()]  # [B*(K+1), V]
+        probs = _target_probs(padded, params, greedy, k)
         probs = probs.reshape(b, k + 1, vocab_size)
         noise = torch.empty(b, vocab_size, device=device).exponential_()
     uniform = torch.rand(b, k, device=device)
