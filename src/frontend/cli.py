@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import re
 from typing import Any
 
@@ -25,6 +26,8 @@ import msgspec
 from enginecore.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from frontend.reasoning import get_reasoning_parser
 from frontend.tools import get_tool_parser, load_tool_parser_plugin
+
+logger = logging.getLogger(__name__)
 
 
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -156,6 +159,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
         help='speculative decoding as JSON: {"method": "ngram" | "draft_model" | "eagle" | '
              '"eagle3" | "mtp", "num_speculative_tokens": int, "model": path, '
              '"prompt_lookup_min": int, "prompt_lookup_max": int}')
+    # vLLM's older separate flags: still accepted, folded into --speculative-config.
+    parser.add_argument("--speculative-model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                        help=argparse.SUPPRESS)
     server_group = parser.add_argument_group("ServerConfig")
     server_dests = _add_struct_flags(server_group, ServerConfig, engine=False)
     return parser, engine_dests, server_dests
@@ -170,6 +177,13 @@ def parse_serve_args(argv: list[str]) -> tuple[str | None, dict[str, Any], Serve
         engine_kwargs["structured_outputs_config"] = args.structured_outputs_config
     if args.speculative_config is not None:
         engine_kwargs["speculative_config"] = args.speculative_config
+    elif args.speculative_model is not None or args.num_speculative_tokens is not None:
+        logger.warning("--speculative-model / --num-speculative-tokens are deprecated: use "
+                       "--speculative-config '{\"model\": ..., \"num_speculative_tokens\": "
+                       "...}'")
+        engine_kwargs["speculative_config"] = {
+            "model": args.speculative_model,
+            "num_speculative_tokens": args.num_speculative_tokens or 0}
     try:
         server = ServerConfig(**{d: v for d in server_dests if (v := getattr(args, d)) is not None})
         server.validate()

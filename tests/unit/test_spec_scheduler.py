@@ -128,3 +128,17 @@ def test_speculative_config_turns_async_scheduling_off(tiny_model_dir):
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig.create(tiny_model_dir, async_scheduling=True,
                             speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_cli_flags_build_the_speculative_config(tiny_model_dir):
+    from frontend.cli import parse_serve_args
+
+    _, kwargs, _ = parse_serve_args([tiny_model_dir, "--speculative-config",
+                                     '{"method": "ngram", "num_speculative_tokens": 4}'])
+    cfg = EngineConfig.create(tiny_model_dir, **kwargs)
+    assert (cfg.speculative.method, cfg.speculative.num_speculative_tokens) == ("ngram", 4)
+    # The deprecated separate flags still work.
+    _, kwargs, _ = parse_serve_args([tiny_model_dir, "--speculative-model", tiny_model_dir,
+                                     "--num-speculative-tokens", "2"])
+    cfg = EngineConfig.create(tiny_model_dir, **kwargs)
+    assert cfg.speculative.method == "draft_model" and cfg.speculative.model == tiny_model_dir
