@@ -182,3 +182,28 @@ def test_sampling_keeps_the_target_distribution(tiny_models):
         counts[key] = counts.get(key, 0) + 1
     chi2 = sum((counts.get(key, 0) - n * p) ** 2 / (n * p) for key, p in expected.items())
     assert chi2 < 37.0, (chi2, counts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_speculation_matches_plain_decoding(tiny_models, tmp_path):
+    # On the GPU: Triton attention, CUDA graphs for plain decode steps, the Triton rejection
+    # kernel for sampled rows. fp32, so greedy output must not change with speculation.
+    target = tiny_models["qwen3"]
+    batch = prompts(8, seed=3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    engine = dict(device="cuda", dtype="float32", block_size=16)
+    with LLM(target, **engine) as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(batch, greedy, use_tqdm=False)]
+    for method in ("ngram", "self", "eagle"):
+        spec = drafts_for(method, tiny_models, tmp_path)
+        with LLM(target, speculative_config=spec, **engine) as llm:
+            outs = llm.generate(batch, greedy, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outs] == ref, method
+            sampled = llm.generate(batch, SamplingParams(temperature=1.0, top_p=0.9,
+                                                         max_tokens=24), use_tqdm=False)
+            assert all(len(o.outputs[0].token_ids) == 24 or o.outputs[0].finish_reason == "stop"
+                       for o in sampled)
+            stats = llm.get_stats()
+        assert stats.spec_num_drafts > 0, method
+        if method == "self":
+            assert stats.spec_num_accepted_tokens > 0
