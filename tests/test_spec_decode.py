@@ -139,13 +139,28 @@ def test_stops_and_fallback_requests(tiny_models):
                                                     repetition_penalty=1.0, min_tokens=2),
                            use_tqdm=False)[0].outputs[0]
         assert out.token_ids == ref[:6]
-        # Structured outputs take no drafts either: the grammar still holds.
-        out = llm.generate([prompt], SamplingParams(
-            temperature=0.0, max_tokens=8,
-            structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
-            use_tqdm=False)[0].outputs[0]
-        assert out.text in ("yes", "no")
         assert llm.get_stats().spec_num_drafts == before
+
+
+def test_structured_outputs_verify_grammar_valid_drafts(tiny_models):
+    # The n-gram drafter finds the choices in the prompt; drafts are cut to what the grammar
+    # accepts and verified under the grammar's masks: same text as without speculation.
+    target = tiny_models["qwen3"]
+    choices = ["the quick brown fox jumps over the lazy dog", "a lazy dog sleeps all day long"]
+    prompt = "say the quick brown fox jumps over the lazy dog or a lazy dog sleeps all day long"
+    so = StructuredOutputsParams(choice=choices)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so)
+    with LLM(target) as llm:
+        ref = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].text
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2}
+    with LLM(target, speculative_config=spec) as llm:
+        assert llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].text == ref
+        sampled = llm.generate([prompt] * 4, SamplingParams(temperature=1.0, max_tokens=40,
+                                                            structured_outputs=so),
+                               use_tqdm=False)
+        stats = llm.get_stats()
+    assert ref in choices and all(o.outputs[0].text in choices for o in sampled)
+    assert stats.spec_num_accepted_tokens > 0
 
 
 def test_sampling_keeps_the_target_distribution(tiny_models):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from sampling.params import SamplingParams
+from sampling.params import SamplingParams, StructuredOutputsParams
 from sampling.rejection import spec_eligible, verify_drafts
 
 
@@ -66,6 +66,7 @@ def test_greedy_verification_is_the_argmax(tiny_model_dir):
 def test_eligibility():
     assert spec_eligible(SamplingParams(temperature=0.0))
     assert spec_eligible(SamplingParams(top_p=0.9, min_p=0.1, prompt_logprobs=2))
+    assert spec_eligible(SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")))
     for bad in (dict(seed=1), dict(logprobs=1), dict(repetition_penalty=1.1),
                 dict(presence_penalty=0.5), dict(logit_bias={1: 2.0}), dict(min_tokens=2),
                 dict(allowed_token_ids=[1, 2]), dict(bad_words=["x"])):

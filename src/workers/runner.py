@@ -286,11 +286,15 @@ class ModelRunner:
             inputs.sample_rows[i] - len(reqs[i].spec_token_ids), inputs.sample_rows[i] + 1)]
         logits = self.model.compute_logits(
             hidden.index_select(0, torch.tensor(rows, dtype=torch.int64, device=self.device)))
+        grammars = [r.grammar for r in verified]
         kept = verify_drafts(logits, [r.sampling for r in verified],
-                             [r.spec_token_ids for r in verified])
+                             [r.spec_token_ids for r in verified],
+                             grammars if any(g is not None for g in grammars) else None)
         for i, state, new in zip(verify, verified, kept, strict=True):
             tokens[i] = new
             state.output_token_ids.extend(new)
+            if state.grammar is not None:
+                state.grammar.accept_tokens(new)
         result.req_ids = [r.req_id for r in reqs]
         result.sampled = [t[-1] for t in tokens]
         result.spec_token_ids = tokens

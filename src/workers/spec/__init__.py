@@ -62,7 +62,7 @@ class SpecDecoder:
     def propose(self, entries: list[tuple], hidden: torch.Tensor,
                 sampled: list) -> list[list[int]]:
         """Drafts for each state in `sampled` (aligned); `entries` as DraftProposer.propose."""
-        eligible = {s.req_id: s.num_tokens for s in sampled if spec_eligible(s.sampling)}
+        eligible = {s.req_id: s.num_tokens for s in sampled if _eligible(s)}
         if self.ngram is not None:
             drafts = {}
             for s in sampled:
@@ -72,6 +72,16 @@ class SpecDecoder:
                     drafts[s.req_id] = self.ngram.propose_one(tokens, max(room, 0))
         else:
             assert self.drafter is not None
-            entries = [e for e in entries if spec_eligible(e[0].sampling)]
+            entries = [e for e in entries if _eligible(e[0])]
             drafts = self.drafter.propose(entries, hidden, eligible)
+        for s in sampled:
+            if s.grammar is not None and drafts.get(s.req_id):
+                # Only drafts the grammar accepts: verification walks its matcher through them.
+                drafts[s.req_id] = drafts[s.req_id][: s.grammar.validate_tokens(drafts[s.req_id])]
         return [drafts.get(s.req_id, []) for s in sampled]
+
+
+def _eligible(state) -> bool:
+    # A grammar still waiting for the reasoning to end switches on mid-output, which a matcher
+    # rollback cannot undo: such requests wait for it without drafts.
+    return spec_eligible(state.sampling) and (state.grammar is None or state.grammar.is_active)
