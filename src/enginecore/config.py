@@ -130,6 +130,34 @@ MAX_LORA_RANK = 512
 # Models whose projections `workers/lora_layers.py` knows how to wrap.
 LORA_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
+
+class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`--speculative-config`: speculative decoding (docs/spec_decode.md); off by default."""
+
+    # ngram | draft_model | eagle | eagle3 | mtp; None: off, or "draft_model" when `model` is set
+    method: str | None = None
+    num_speculative_tokens: int = 0  # draft tokens proposed per request per step (k)
+    model: str | None = None  # draft model / EAGLE head directory (draft_model, eagle, eagle3)
+    prompt_lookup_min: int = 1  # ngram: shortest suffix n-gram to match
+    prompt_lookup_max: int = 3  # ngram: longest suffix n-gram to match (tried first)
+    draft_tensor_parallel_size: int = 1  # only 1 is supported
+
+    @property
+    def enabled(self) -> bool:
+        """True when steps carry draft tokens."""
+        return self.method is not None and self.num_speculative_tokens > 0
+
+
+SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp")
+# Accepted names whose drafter is not built yet, and what is missing (issue #10).
+_SPEC_MISSING = {
+    "eagle3": "EAGLE-3 heads need the target's auxiliary hidden states from three layers and the "
+              "draft-to-target vocabulary map (d2t)",
+    "mtp": "MTP needs a target architecture with its own multi-token-prediction layers "
+           "(DeepSeek-V3, Qwen3-Next, ...), none of which this engine runs",
+}
+
+
 # vLLM's backends that this engine does not implement: named in the error a user gets.
 _OTHER_BACKENDS = ("xgrammar", "outlines", "lm-format-enforcer")
 
@@ -142,14 +170,21 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
     multimodal: MultiModalConfig = MultiModalConfig()
     lora: LoRAConfig = LoRAConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
 
     @classmethod
     def create(cls, model: str, **kwargs: object) -> EngineConfig:
         """Build from flat vLLM-style keyword names (`max_num_seqs=...`) and validate.
 
-        `structured_outputs_config` takes a StructuredOutputsConfig, a dict or its JSON text.
+        `structured_outputs_config` and `speculative_config` take their struct, a dict or its
+        JSON text.
         """
         structured = _structured_outputs_config(kwargs.pop("structured_outputs_config", None))
+        speculative = _speculative_config(kwargs.pop("speculative_config", None))
+        if speculative.enabled and kwargs.get("async_scheduling") is None:
+            # The core cannot schedule step N+1 before it knows how many of step N's drafts
+            # survived: speculation runs one step at a time (as in vLLM).
+            kwargs["async_scheduling"] = False
         groups: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
                                                 "scheduler": {}, "parallel": {},
                                                 "multimodal": {}, "lora": {}}
@@ -170,7 +205,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                   scheduler=SchedulerConfig(**groups["scheduler"]),
                   parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured,
                   multimodal=_convert(MultiModalConfig, groups["multimodal"]),
-                  lora=LoRAConfig(**groups["lora"]))
+                  lora=LoRAConfig(**groups["lora"]), speculative=speculative)
         return cfg.resolved()
 
     def resolved(self) -> EngineConfig:
@@ -223,6 +258,44 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                 if backend in _OTHER_BACKENDS else "unknown"
             raise ValueError(f"structured outputs backend {backend!r} is {known}; choose 'auto' "
                              "or 'guidance' (llguidance)")
+        self._validate_speculative()
+
+    def _validate_speculative(self) -> None:
+        spec = self.speculative
+        if spec.method is None and spec.num_speculative_tokens == 0:
+            return
+        if spec.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}"
+                             f"; got {spec.method!r}")
+        if spec.method in _SPEC_MISSING:
+            raise ValueError(f"speculative_config.method {spec.method!r} is not implemented: "
+                             f"{_SPEC_MISSING[spec.method]}; use 'ngram', 'draft_model' or "
+                             "'eagle'")
+        if spec.num_speculative_tokens < 1:
+            raise ValueError("speculative_config.num_speculative_tokens must be >= 1, got "
+                             f"{spec.num_speculative_tokens}")
+        if spec.draft_tensor_parallel_size != 1:
+            raise ValueError("speculative_config.draft_tensor_parallel_size must be 1 (the draft "
+                             f"runs unsharded), got {spec.draft_tensor_parallel_size}")
+        if spec.method in ("draft_model", "eagle", "eagle3") and not spec.model:
+            raise ValueError(f"speculative_config.model is required for method {spec.method!r}")
+        if spec.method == "ngram" and not 1 <= spec.prompt_lookup_min <= spec.prompt_lookup_max:
+            raise ValueError("speculative_config: need 1 <= prompt_lookup_min <= "
+                             f"prompt_lookup_max, got {spec.prompt_lookup_min} and "
+                             f"{spec.prompt_lookup_max}")
+        if self.scheduler.async_scheduling:
+            raise ValueError("speculative decoding needs async_scheduling off (the core must "
+                             "know how many drafts were accepted before scheduling the next step)")
+        # Combinations not built yet: refused here rather than computed wrongly.
+        if self.parallel.tensor_parallel_size != 1:
+            raise ValueError("speculative_config: speculative decoding with tensor_parallel_size "
+                             "> 1 is not supported yet")
+        if self.model.logits_processors:
+            raise ValueError("speculative_config: custom logits_processors do not see verified "
+                             "draft rows; use one or the other")
+        if self.lora.enable_lora:
+            raise ValueError("speculative_config: speculative decoding with enable_lora is not "
+                             "supported yet")
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -265,6 +338,22 @@ def _check_tensor_parallel(size: int, info: dict) -> None:
     if kv_heads % size and size % kv_heads:
         raise ValueError(f"num_key_value_heads ({kv_heads}) and tensor_parallel_size ({size}): "
                          "one must divide the other")
+
+
+def _speculative_config(value: object) -> SpeculativeConfig:
+    if value is None or isinstance(value, SpeculativeConfig):
+        spec = value or SpeculativeConfig()
+    else:
+        try:
+            if isinstance(value, str | bytes):
+                spec = msgspec.json.decode(value, type=SpeculativeConfig)
+            else:
+                spec = msgspec.convert(value, SpeculativeConfig)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ValueError(f"speculative_config: {e}") from None
+    if spec.method is None and spec.model:
+        spec = msgspec.structs.replace(spec, method="draft_model")
+    return spec
 
 
 def read_checkpoint_info(model_dir: str) -> dict:

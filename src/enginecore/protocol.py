@@ -130,6 +130,12 @@ class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
     prefix_cache_hits: int = 0  # cumulative prompt tokens found cached
     num_preemptions: int = 0  # cumulative
     step_count: int = 0
+    # Speculative decoding, cumulative: verifications (a request with >= 1 draft in a step),
+    # draft tokens verified, drafts accepted, and accepted drafts by position (index 0: first).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = []
 
 
 class ControlResult(msgspec.Struct, tag="control_result", array_like=True, omit_defaults=True):
@@ -201,6 +207,9 @@ class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
     free_encoder_hashes: list[str] = []
     # LoRA adapters (int ids) unloaded since the last step: workers drop them from their caches.
     removed_loras: list[int] = []
+    # Speculative decoding: draft tokens to verify, appended after each request's known tokens
+    # (they are counted in num_scheduled_tokens). Requests without drafts are absent.
+    scheduled_spec_tokens: dict[str, list[int]] = {}
 
 
 class InitKVCache(msgspec.Struct, tag="init_kv", array_like=True):
@@ -251,6 +260,11 @@ class StepResult(msgspec.Struct, tag="step", array_like=True, omit_defaults=True
     num_nans: int = 0
     # Requests the workers could not run (their LoRA adapter failed to load): finished "error".
     failed: list[str] = []
+    # Speculative decoding, aligned with req_ids: every token the request produced this step
+    # (its accepted drafts, then one sampled token; `sampled` holds that last one) ...
+    spec_token_ids: list[list[int]] | None = None
+    # ... and the drafts proposed for its next step (empty: none).
+    draft_token_ids: list[list[int]] | None = None
 
 
 class MemoryReport(msgspec.Struct, tag="memory", array_like=True):

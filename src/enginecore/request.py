@@ -53,6 +53,7 @@ class Request:
         "sampling", "priority", "arrival_time", "cache_salt", "status", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "num_prompt_logprobs_sent",
         "num_output_placeholders", "mm_inputs", "encoder_refs", "lora", "prompt_embeds",
+        "spec_token_ids",
     )
 
     def __init__(self, add: AddRequest) -> None:
@@ -82,6 +83,8 @@ class Request:
         # holds a reference to (EncoderCacheManager).
         self.mm_inputs = add.mm_inputs or []
         self.encoder_refs: set[int] = set()
+        # Speculative decoding: drafts the workers proposed for this request's next step.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +100,11 @@ class Request:
         """Record one sampled token, replacing the placeholder its step left."""
         assert self.num_output_placeholders > 0, self
         self.num_output_placeholders -= 1
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def append_accepted_draft(self, token_id: int) -> None:
+        """Record a verified draft token (it precedes the step's sampled token, no placeholder)."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
@@ -158,6 +166,7 @@ class Request:
         self.status = RequestStatus.PREEMPTED
         self.num_computed_tokens = 0
         self.num_output_placeholders = 0  # in-flight tokens are dropped and sampled again
+        self.spec_token_ids = []  # the workers forget their draft state too
 
     def finish(self, finish_reason: str) -> None:
         """Mark finished with a TokenDelta finish_reason (stop | length | abort | error)."""

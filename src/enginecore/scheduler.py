@@ -36,6 +36,15 @@ request (fcfs) or the lowest-priority one (largest priority value, latest arriva
 blocks, drops to 0 computed tokens and goes back to the front of waiting. Workers are told to
 forget it (`finished`) and later see it again as `new`, with the tokens it had generated.
 
+Speculative decoding (docs/spec_decode.md): the workers return draft tokens with each result
+(`StepResult.draft_token_ids`), kept in `Request.spec_token_ids`. A decoding request with drafts
+is scheduled 1 + k tokens (its last token plus the k drafts, all within the token budget, capped
+so outputs cannot pass max_tokens or max_model_len), and its blocks are allocated k lookahead
+slots further for the draft model's own KV writes. update() advances it by the accepted count:
+num_computed_tokens rolls back over the rejected drafts, whose KV slots later steps overwrite,
+and only verified tokens' blocks reach the prefix cache. It needs synchronous scheduling (the
+config turns async scheduling off), so no step is ever in flight when schedule() runs.
+
 Requests that can never run (empty prompt, prompt >= max_model_len, duplicate id) are refused by
 `add_request`, which returns their finish_reason="error" delta at once; they never enter a queue.
 
@@ -75,7 +84,7 @@ class _StepPlan:
     """What one `schedule()` call hands out, turned into an ExecuteStep at the end."""
 
     __slots__ = ("budget", "num_scheduled", "new_block_ids", "admitted", "preempted",
-                 "encoder_budget", "encoder_inputs", "encoding")
+                 "encoder_budget", "encoder_inputs", "encoding", "spec")
 
     def __init__(self, budget: int, encoder_budget: int) -> None:
         self.budget = budget  # tokens left this step
@@ -86,6 +95,7 @@ class _StepPlan:
         self.new_block_ids: dict[str, list[int]] = {}
         self.admitted: set[str] = set()  # sent as NewReq (first schedule or resumed)
         self.preempted: set[str] = set()
+        self.spec: dict[str, list[int]] = {}  # draft tokens scheduled for verification
 
     def add(self, req_id: str, num_tokens: int, new_block_ids: list[int]) -> None:
         self.num_scheduled[req_id] = num_tokens
@@ -96,6 +106,26 @@ class _StepPlan:
         """Un-schedule a request preempted after it was scheduled (priority policy)."""
         self.budget += self.num_scheduled.pop(req_id, 0)
         self.new_block_ids.pop(req_id, None)
+        self.spec.pop(req_id, None)
+
+
+class _SpecCounters:
+    """Cumulative speculative-decoding acceptance counts (SchedulerStats.spec_*)."""
+
+    __slots__ = ("num_drafts", "num_draft_tokens", "num_accepted", "per_pos")
+
+    def __init__(self, k: int) -> None:
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted = 0
+        self.per_pos = [0] * k
+
+    def record(self, num_draft: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted += num_accepted
+        for j in range(num_accepted):
+            self.per_pos[j] += 1
 
 
 class Scheduler:
@@ -122,6 +152,11 @@ class Scheduler:
             sched.encoder_cache_size or sched.max_num_batched_tokens)
         self.max_loras = config.lora.max_loras
         self._removed_loras: list[int] = []  # for the next step's `removed_loras`
+        spec = config.speculative
+        self.num_spec_tokens = spec.num_speculative_tokens if spec.enabled else 0
+        # Draft models write their own KV up to k positions past the verified tokens.
+        self.num_lookahead = self.num_spec_tokens if spec.method not in (None, "ngram") else 0
+        self._spec = _SpecCounters(self.num_spec_tokens)
 
     # ------------------------------------------------------------ requests in and out
 
@@ -163,7 +198,10 @@ class Scheduler:
             kv_cache_usage=kv.usage, num_free_blocks=kv.num_free_blocks,
             num_total_blocks=kv.num_total_blocks, prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self._num_preemptions,
-            step_count=self._step_id)
+            step_count=self._step_id, spec_num_drafts=self._spec.num_drafts,
+            spec_num_draft_tokens=self._spec.num_draft_tokens,
+            spec_num_accepted_tokens=self._spec.num_accepted,
+            spec_accepted_per_pos=list(self._spec.per_pos))
 
     def _refusal(self, req: AddRequest) -> str | None:
         num_prompt = len(req.prompt_token_ids)
@@ -238,16 +276,38 @@ class Scheduler:
                                                     num_new, plan)
             if num_new <= 0:
                 continue
-            block_ids = self._allocate_or_preempt(request, num_new, plan)
+            drafts = self._drafts(request, num_new, plan.budget)
+            lookahead = self._lookahead(request, num_new + len(drafts))
+            block_ids = self._allocate_or_preempt(request, num_new + len(drafts), plan, lookahead)
             if block_ids is not None:
                 self._commit_encoder(request, num_new, to_encode, plan)
-                plan.add(request.request_id, num_new, block_ids)
+                plan.add(request.request_id, num_new + len(drafts), block_ids)
+                if drafts:
+                    plan.spec[request.request_id] = drafts
 
-    def _allocate_or_preempt(self, request: Request, num_new: int,
-                             plan: _StepPlan) -> list[int] | None:
+    def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The drafts to verify with a decoding request's last token (capped; may be empty)."""
+        if not request.spec_token_ids or num_new != 1 or request.num_output_placeholders:
+            return []
+        max_tokens = request.sampling.max_tokens
+        room = self.max_model_len - request.num_tokens - 1  # the step samples one more token
+        if max_tokens is not None:
+            room = min(room, max_tokens - len(request.output_token_ids) - 1)
+        return request.spec_token_ids[: max(0, min(room, budget - 1))]
+
+    def _lookahead(self, request: Request, num_new: int) -> int:
+        """KV slots past the scheduled tokens for the draft model, never past max_model_len."""
+        if not self.num_lookahead:
+            return 0
+        end = request.num_computed_tokens + num_new
+        return max(0, min(self.num_lookahead, self.max_model_len - end))
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, plan: _StepPlan,
+                             lookahead: int = 0) -> list[int] | None:
         """New block ids for `num_new` more tokens, preempting until they fit; None if `request`
         itself was preempted, or must wait for blocks that finishing requests hold."""
-        while (block_ids := self.kv.allocate_slots(request, num_new)) is None:
+        while (block_ids := self.kv.allocate_slots(
+                request, num_new, num_lookahead_tokens=lookahead)) is None:
             if any(r.at_output_limit(self.max_model_len) for r in self.running):
                 # Their last tokens are in flight: their blocks come back at the next update.
                 # Preempting anyone now would throw away work to save one step.
@@ -298,7 +358,9 @@ class Scheduler:
             num_new, to_encode = self._plan_encoder(request, num_hit, num_new, plan)
             if num_new <= 0:
                 break
-            block_ids = self.kv.allocate_slots(request, num_new, computed_blocks=hit_blocks)
+            block_ids = self.kv.allocate_slots(
+                request, num_new, computed_blocks=hit_blocks,
+                num_lookahead_tokens=self._lookahead(request, num_hit + num_new))
             if block_ids is None:
                 break
             self.waiting.pop(i)
@@ -388,27 +450,31 @@ class Scheduler:
                 cached.num_computed_tokens.append(request.num_computed_tokens)
             scheduled[req_id] = (request, request.num_computed_tokens)
             request.num_computed_tokens += num_scheduled[req_id]
-            if request.num_computed_tokens == request.num_tokens_with_placeholders:
+            num_drafts = len(plan.spec.get(req_id, ()))
+            if request.num_computed_tokens - num_drafts == request.num_tokens_with_placeholders:
                 request.num_output_placeholders += 1  # the workers sample one token here
         self._step_id += 1
         self._in_flight[self._step_id] = scheduled
         step = ExecuteStep(self._step_id, new, cached, num_scheduled, finished=self._finished_ids,
                            encoder_inputs=plan.encoder_inputs,
                            free_encoder_hashes=self.encoder_cache.take_freed(),
-                           removed_loras=self._removed_loras)
+                           removed_loras=self._removed_loras,
+                           scheduled_spec_tokens=plan.spec)
         self._finished_ids, self._removed_loras = [], []
         return step
 
     # ------------------------------------------------------------ update
 
     def update(self, step: ExecuteStep, result: StepResult) -> list[TokenDelta]:
-        """Apply a step's result: one delta per sampled token or prompt-logprob chunk."""
+        """Apply a step's result: one delta per request that got tokens or prompt logprobs."""
         # Requests that left since the step was sent are no longer in its record: skipped.
         scheduled = self._in_flight.pop(step.step_id)
         # First: a failed request's KV (computed without its adapter) must never be cached.
         failed = self._fail(result.failed, scheduled)
+        spec = step.scheduled_spec_tokens
         for req_id, (request, start) in scheduled.items():
-            self.kv.cache_full_blocks(request, start + step.num_scheduled_tokens[req_id])
+            if req_id not in spec:  # verified drafts are known only below: cached there
+                self.kv.cache_full_blocks(request, start + step.num_scheduled_tokens[req_id])
 
         prompt_logprobs = dict(result.prompt_logprobs or {})
         outputs = failed
@@ -416,16 +482,23 @@ class Scheduler:
             if req_id not in scheduled:
                 continue
             request, start = scheduled[req_id]
-            request.append_output(token)
+            tokens = result.spec_token_ids[i] if result.spec_token_ids else [token]
+            if req_id in spec:
+                self._verify(request, spec[req_id], len(tokens) - 1)
             delta = TokenDelta(
-                req_id, [token], logprobs=result.logprobs[i] if result.logprobs else None,
+                req_id, [], logprobs=result.logprobs[i] if result.logprobs else None,
                 prompt_logprobs=self._new_prompt_logprobs(
                     request, prompt_logprobs.pop(req_id, None), start),
                 num_cached_tokens=request.num_cached_tokens)
-            stop = request.check_stop(self.eos_token_ids, self.max_model_len)
+            stop = self._append_tokens(request, tokens, delta.new_token_ids)
+            if req_id in spec:  # only verified tokens' blocks become findable
+                self.kv.cache_full_blocks(
+                    request, min(request.num_computed_tokens, request.num_tokens))
             if stop is not None:
                 self._finish(request, stop[0])
                 delta.finish_reason, delta.stop_reason = stop
+            elif result.draft_token_ids:
+                request.spec_token_ids = result.draft_token_ids[i]
             outputs.append(delta)
 
         for req_id, rows in prompt_logprobs.items():  # partial prefill chunks: no token yet
@@ -449,6 +522,27 @@ class Scheduler:
                 deltas.append(TokenDelta(req_id, [], finish_reason="error",
                                          num_cached_tokens=request.num_cached_tokens))
         return deltas
+    def _verify(self, request: Request, drafts: list[int], num_accepted: int) -> None:
+        """Roll num_computed_tokens back over the rejected drafts and count acceptance."""
+        request.num_computed_tokens -= len(drafts) - num_accepted
+        request.spec_token_ids = []
+        self._spec.record(len(drafts), num_accepted)
+
+    def _append_tokens(self, request: Request, tokens: list[int],
+                       out: list[int]) -> tuple[str, int | str | None] | None:
+        """Append the step's tokens (accepted drafts, then the sampled one) to `request` and
+        `out`, checking stop conditions after each: nothing after a stop is kept."""
+        last = len(tokens) - 1
+        for j, token in enumerate(tokens):
+            if j < last:
+                request.append_accepted_draft(token)
+            else:
+                request.append_output(token)
+            out.append(token)
+            stop = request.check_stop(self.eos_token_ids, self.max_model_len)
+            if stop is not None:
+                return stop
+        return None
 
     @staticmethod
     def _new_prompt_logprobs(request: Request, rows: TokenLogprobs | None,

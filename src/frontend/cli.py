@@ -8,14 +8,17 @@ are the single source of the flags. Every field becomes a vLLM-style flag (`max_
 trailing comment (or the comment lines just above it) becomes the help text. Engine flags default
 to None, so only what the user set reaches `EngineConfig.create`, whose struct defaults fill the
 rest.
-`--structured-outputs-config` is the one hand-written flag: vLLM's JSON form
-(`'{"backend": "guidance", "disable_any_whitespace": true}'`) of `StructuredOutputsConfig`.
+`--structured-outputs-config` and `--speculative-config` are the hand-written flags: vLLM's JSON
+forms (`'{"backend": "guidance", "disable_any_whitespace": true}'`,
+`'{"method": "ngram", "num_speculative_tokens": 3}'`) of `StructuredOutputsConfig` and
+`SpeculativeConfig`.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import re
 from typing import Any
 
@@ -32,6 +35,8 @@ from enginecore.config import (
 from frontend.lora import load_lora_resolver_plugin, parse_lora_modules
 from frontend.reasoning import get_reasoning_parser
 from frontend.tools import get_tool_parser, load_tool_parser_plugin
+
+logger = logging.getLogger(__name__)
 
 
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -165,6 +170,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
         "--structured-outputs-config", default=None, metavar="JSON",
         help='structured outputs settings as JSON: {"backend": "auto" | "guidance", '
              '"disable_any_whitespace": bool, "disable_additional_properties": bool}')
+    parser.add_argument(
+        "--speculative-config", default=None, metavar="JSON",
+        help='speculative decoding as JSON: {"method": "ngram" | "draft_model" | "eagle" | '
+             '"eagle3" | "mtp", "num_speculative_tokens": int, "model": path, '
+             '"prompt_lookup_min": int, "prompt_lookup_max": int}')
+    # vLLM's older separate flags: still accepted, folded into --speculative-config.
+    parser.add_argument("--speculative-model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                        help=argparse.SUPPRESS)
     server_group = parser.add_argument_group("ServerConfig")
     server_dests = _add_struct_flags(server_group, ServerConfig, engine=False)
     return parser, engine_dests, server_dests
@@ -177,6 +191,15 @@ def parse_serve_args(argv: list[str]) -> tuple[str | None, dict[str, Any], Serve
     engine_kwargs = {d: getattr(args, d) for d in engine_dests if getattr(args, d) is not None}
     if args.structured_outputs_config is not None:
         engine_kwargs["structured_outputs_config"] = args.structured_outputs_config
+    if args.speculative_config is not None:
+        engine_kwargs["speculative_config"] = args.speculative_config
+    elif args.speculative_model is not None or args.num_speculative_tokens is not None:
+        logger.warning("--speculative-model / --num-speculative-tokens are deprecated: use "
+                       "--speculative-config '{\"model\": ..., \"num_speculative_tokens\": "
+                       "...}'")
+        engine_kwargs["speculative_config"] = {
+            "model": args.speculative_model,
+            "num_speculative_tokens": args.num_speculative_tokens or 0}
     try:
         server = ServerConfig(**{d: v for d in server_dests if (v := getattr(args, d)) is not None})
         server.validate()

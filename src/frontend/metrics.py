@@ -9,9 +9,10 @@ Two kinds of metrics, collected two ways:
                   in one directory (the launcher creates it and sets PROMETHEUS_MULTIPROC_DIR for
                   its children), and a scrape, whichever process answers it, reads all the files.
     engine-wide   KV-cache usage, running and waiting requests, prefix-cache queries and hits
-                  (and their ratio), preemptions. They belong to the one engine core, so summing
-                  them over API servers would be wrong: the process answering the scrape fetches
-                  fresh `SchedulerStats` from the core and reports them through a collector.
+                  (and their ratio), preemptions, speculative-decoding acceptance. They belong
+                  to the one engine core, so summing them over API servers would be wrong: the
+                  process answering the scrape fetches fresh `SchedulerStats` from the core and
+                  reports them through a collector.
 
 `tinyllm:api_servers` (a `livesum` gauge: each live process contributes 1) shows how many API
 servers the files describe. Metric names follow vLLM's, under the `tinyllm:` prefix.
@@ -157,3 +158,32 @@ class _EngineCollector:
             family = CounterMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family
+        if s.spec_accepted_per_pos:  # speculative decoding is on
+            yield from self._spec_decode(s)
+
+    def _spec_decode(self, s: SchedulerStats) -> Iterator[Metric]:
+        counters = (
+            ("tinyllm:spec_decode_num_drafts", "Draft verifications (a request with drafts in a "
+             "step).", s.spec_num_drafts),
+            ("tinyllm:spec_decode_num_draft_tokens", "Draft tokens verified.",
+             s.spec_num_draft_tokens),
+            ("tinyllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+             s.spec_num_accepted_tokens),
+        )
+        for name, doc, value in counters:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
+        per_pos = CounterMetricFamily(
+            "tinyllm:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each draft position (0: the first draft).",
+            labels=["model_name", "position"])
+        for pos, value in enumerate(s.spec_accepted_per_pos):
+            per_pos.add_metric([self.model_name, str(pos)], value)
+        yield per_pos
+        # 1 + accepted drafts per verification: tokens a request gains per verifying step.
+        mean = 1.0 + s.spec_num_accepted_tokens / s.spec_num_drafts if s.spec_num_drafts else 1.0
+        family = GaugeMetricFamily("tinyllm:spec_decode_mean_acceptance_length",
+                                   "1 + accepted / drafts, since start.", labels=["model_name"])
+        family.add_metric([self.model_name], mean)
+        yield family

@@ -27,6 +27,7 @@ from enginecore.protocol import ExecuteStep, LoRARef, MMInput, NewReq, StepResul
 from sampling.batch_logits import BatchLogits
 from sampling.logits_processor import ProcessorContext, load_logits_processors
 from sampling.params import SamplingParams
+from sampling.rejection import verify_drafts
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from sampling.structured import GrammarCompiler, RequestGrammar
 from workers.attention import AttnMetadata, set_forward_context
@@ -39,6 +40,7 @@ from workers.models import load_model
 from workers.multimodal import MultiModalRunner
 from workers.parallel import SINGLE, TPGroup
 from workers.persistent_batch import PersistentBatch
+from workers.spec import SpecDecoder
 
 _MASK63 = (1 << 63) - 1
 
@@ -58,13 +60,20 @@ class CachedRequestState:
     mrope_delta: int = 0  # generated token i sits at position i + mrope_delta
     lora: LoRARef | None = None  # the request's LoRA adapter (None: the base model)
     prompt_embeds: torch.Tensor | None = None  # [L, H]: decoder inputs of prompt positions < L
+    # Speculative decoding: the drafts this step verifies (they follow the known tokens).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without concatenating the two lists."""
+        """Tokens [start, end) of prompt + output (+ this step's drafts), without concatenating
+        the lists."""
+        known = self.num_tokens
+        if end > known:
+            drafts = self.spec_token_ids[max(start, known) - known: end - known]
+            return (self.token_slice(start, known) if start < known else []) + drafts
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
@@ -90,6 +99,9 @@ class StepInputs:
     failed: list[str] = field(default_factory=list)  # requests whose LoRA adapter failed
     # Prompt-embedding rows: (first token index in T, rows [n, H]) replacing the embedded ids
     embeds: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    # Speculative decoding: (state, num_computed before the step, num scheduled, first index in
+    # T) of every request in the step, for the drafter.
+    entries: list[tuple[CachedRequestState, int, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -138,13 +150,18 @@ class ModelRunner:
         self.lora = LoRAManager(config, self.model, device, dtype, self.buffers.input_ids.shape[0]
                                 ) if config.lora.enable_lora else None
         self.num_blocks = 0
+        self.spec: SpecDecoder | None = None
+        if config.speculative.enabled:
+            self.spec = SpecDecoder(config, self.model, self.block_table, device, dtype)
 
     # ------------------------------------------------------------ KV cache
 
     def bytes_per_block(self) -> int:
         shape = self.model.kv_cache_shape(1, self.block_size)
         elems = int(np.prod(shape))
-        return elems * torch.empty((), dtype=self.dtype).element_size() * self.model.num_layers
+        drafter = self.spec.bytes_per_block() if self.spec is not None else 0
+        return (elems * torch.empty((), dtype=self.dtype).element_size() * self.model.num_layers
+                + drafter)
 
     def init_kv_cache(self, num_blocks: int, capture: bool = True) -> None:
         shape = self.model.kv_cache_shape(num_blocks, self.block_size)
@@ -152,6 +169,8 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.model.num_layers)]
         self.model.bind_kv_cache(self.kv_caches)
+        if self.spec is not None:
+            self.spec.init_kv_cache(num_blocks)
         if capture:
             self.capture_graphs()
 
@@ -202,8 +221,10 @@ class ModelRunner:
         if not step.num_scheduled_tokens:
             return StepResult(step_id=step.step_id, req_ids=[], sampled=[])
         inputs = self._prepare_inputs(step)
-        if any(r.grammar is not None for r in inputs.sample_reqs):
-            # Filled on a background thread while this thread launches the forward.
+        if any(r.grammar is not None for r in inputs.sample_reqs) and not any(
+                r.spec_token_ids for r in inputs.sample_reqs):
+            # Filled on a background thread while this thread launches the forward (steps that
+            # verify drafts sample a subset of the rows: their sampler fills it in place).
             self.sampler.bitmask.start([r.grammar for r in inputs.sample_reqs], self.device)
         hidden = self._forward(inputs)
         result = StepResult(step_id=step.step_id, req_ids=[], sampled=[], failed=inputs.failed)
@@ -211,6 +232,8 @@ class ModelRunner:
             result.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         if inputs.sample_reqs:
             self._sample(hidden, inputs, result)
+        if self.spec is not None:
+            result.draft_token_ids = self.spec.propose(inputs.entries, hidden, inputs.sample_reqs)
         return result
 
     def _update_states(self, step: ExecuteStep) -> None:
@@ -233,6 +256,10 @@ class ModelRunner:
             state = self.requests[req_id]
             self.block_table.append(state.row, block_ids)
             state.num_computed_tokens = num_computed
+        if self.spec is not None:
+            spec = step.scheduled_spec_tokens
+            for req_id in step.num_scheduled_tokens:
+                self.requests[req_id].spec_token_ids = spec.get(req_id, [])
 
     def _new_state(self, new: NewReq) -> CachedRequestState:
         generator = None
@@ -296,7 +323,7 @@ class ModelRunner:
         embeds: list[tuple[int, torch.Tensor]] = []
         for state, a, b, last in zip(reqs, start.tolist(), end.tolist(), cu.tolist(),
                                      strict=True):
-            if b == state.num_tokens:
+            if b - len(state.spec_token_ids) == state.num_tokens:
                 sample_rows.append(last - 1)
                 sample_reqs.append(state)
             num_prompt = len(state.prompt_token_ids)
@@ -305,10 +332,12 @@ class ModelRunner:
             if state.sampling.prompt_logprobs is not None and a < num_prompt - 1:
                 # Position p's logits score prompt token p + 1.
                 prompt_lp.append((state, last - (b - a), a, min(b, num_prompt - 1) - a))
+        entries = [] if self.spec is None else list(zip(
+            reqs, start.tolist(), n.tolist(), (cu - n).tolist(), strict=True))
         inputs = StepInputs(num_tokens=num_tokens, num_reqs=num_reqs, num_cols=num_cols,
                             max_query_len=int(n.max()), max_seq_len=max_seq_len,
                             sample_rows=sample_rows, sample_reqs=sample_reqs, prompt_lp=prompt_lp,
-                            failed=failed, embeds=embeds)
+                            failed=failed, embeds=embeds, entries=entries)
         if self.mm is not None:
             self._prepare_mm(inputs, reqs, start.tolist(), end.tolist(), (cu - n).tolist())
         self._order_samples(inputs)
@@ -322,6 +351,7 @@ class ModelRunner:
                        key=lambda i: index[inputs.sample_reqs[i].req_id])
         inputs.sample_reqs = [inputs.sample_reqs[i] for i in order]
         inputs.sample_rows = [inputs.sample_rows[i] for i in order]
+
     def _prepare_mm(self, inputs: StepInputs, reqs: list[CachedRequestState],
                     starts: list[int], ends: list[int], bases: list[int]) -> None:
         """M-RoPE positions and placeholder embeddings of the step (vision-language models)."""
@@ -367,9 +397,48 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
         reqs = inputs.sample_reqs  # in persistent-batch order (`_order_samples`)
+        verify = [i for i, r in enumerate(reqs) if r.spec_token_ids]
+        if not verify:
+            self._sample_rows(hidden, reqs, inputs.sample_rows, result)
+            return
+        # Speculative decoding: plain rows sample as usual, requests with drafts verify them.
+        plain = [i for i, r in enumerate(reqs) if not r.spec_token_ids]
+        tokens: list[list[int]] = [[] for _ in reqs]
+        part = StepResult(step_id=result.step_id, req_ids=[], sampled=[])
+        if plain:
+            self._sample_rows(hidden, [reqs[i] for i in plain],
+                              [inputs.sample_rows[i] for i in plain], part)
+            for i, token in zip(plain, part.sampled, strict=True):
+                tokens[i] = [token]
+        verified = [reqs[i] for i in verify]
+        rows = [row for i in verify for row in range(
+            inputs.sample_rows[i] - len(reqs[i].spec_token_ids), inputs.sample_rows[i] + 1)]
+        logits = self.model.compute_logits(
+            hidden.index_select(0, torch.tensor(rows, dtype=torch.int64, device=self.device)))
+        grammars = [r.grammar for r in verified]
+        kept = verify_drafts(logits, [r.sampling for r in verified],
+                             [r.spec_token_ids for r in verified],
+                             grammars if any(g is not None for g in grammars) else None)
+        for i, state, new in zip(verify, verified, kept, strict=True):
+            tokens[i] = new
+            state.output_token_ids.extend(new)
+            if state.grammar is not None:
+                state.grammar.accept_tokens(new)
+        result.req_ids = [r.req_id for r in reqs]
+        result.sampled = [t[-1] for t in tokens]
+        result.spec_token_ids = tokens
+        result.num_nans = part.num_nans
+        if part.logprobs is not None:
+            result.logprobs = [None] * len(reqs)
+            for i, lp in zip(plain, part.logprobs, strict=True):
+                result.logprobs[i] = lp
+
+    def _sample_rows(self, hidden: torch.Tensor, reqs: list[CachedRequestState],
+                     sample_rows: list[int], result: StepResult) -> None:
+        """One token per request from its row of `hidden`, into `result`."""
         index = self.batch.index
         self.logits_processors.set_step_rows([index[r.req_id] for r in reqs])
-        rows = torch.tensor(inputs.sample_rows, dtype=torch.int64, device=self.device)
+        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32, rank 0
         out = None
         if logits is None:  # a TP rank > 0: receives rank 0's tokens (and NaN count)

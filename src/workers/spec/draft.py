@@ -1,0 +1,158 @@
+"""`DraftProposer`: k greedy draft tokens from a small model run beside the target.
+
+Two drafters share this machinery: a draft model (`draft_model`: any supported checkpoint with
+the target's vocabulary) and an EAGLE-1 head (`eagle`: `workers.spec.eagle`, fed the target's
+hidden states). Each keeps its own KV cache, indexed by the target's block table: the scheduler
+allocates k lookahead slots past the scheduled tokens for the drafter's writes, so the
+drafter's KV of position p lives in the same slot as the target's.
+
+The drafter follows the target step by step: for every request in a step it recomputes the
+positions the target just computed (verified ones only) plus, for a request that sampled, the
+new token(s), so its KV stays complete without ever re-reading a prompt. Positions it writes
+past the verified tokens (its own drafts) are simply overwritten later.
+
+    draft model: entry for position i = token_i;                         K/V of position i
+    EAGLE:       entry for position i = (token_{i+1}, target hidden_i);  predicts token_{i+2}
+
+Then, for each request that sampled (n known tokens), the last entry's logits give draft 1, and
+k - 1 single-token forwards give the rest: the one for draft j feeds draft j - 1 at position
+n + j - 2 (draft model) or n + j - 3 (EAGLE, with the head's own previous hidden state).
+Drafts are greedy (argmax), so the rejection sampler treats them as one-hot.
+
+Dimension legend: T entries in one drafter forward, B requests, H hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from workers.attention import AttnMetadata, set_forward_context
+from workers.block_table import BlockTable
+
+
+@dataclass
+class _Batch:
+    """One drafter forward: flat entries of several requests."""
+
+    ids: list[int]
+    positions: list[int]
+    hidden_rows: list[int]  # EAGLE: row of the target (or own) hidden state feeding each entry
+    rows: list[int]  # block-table row of each request
+    query_lens: list[int]
+    seq_lens: list[int]
+
+
+class DraftProposer:
+    def __init__(self, model: nn.Module, k: int, eagle: bool, block_table: BlockTable,
+                 max_model_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.model, self.k, self.eagle = model, k, eagle
+        self.block_table = block_table
+        self.max_model_len = max_model_len
+        self.device, self.dtype = device, dtype
+        self.block_size = block_table.block_size
+        self.kv_caches: list[torch.Tensor] = []
+
+    def bytes_per_block(self) -> int:
+        """KV bytes the drafter adds to each block."""
+        elems = int(np.prod(self.model.kv_cache_shape(1, self.block_size)))
+        return elems * torch.empty((), dtype=self.dtype).element_size() * self.model.num_layers
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the drafter's own cache with the target's block count."""
+        shape = self.model.kv_cache_shape(num_blocks, self.block_size)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.model.num_layers)]
+        self.model.bind_kv_cache(self.kv_caches)
+
+    def propose(self, entries: list[tuple], hidden: torch.Tensor,
+                sampled: dict[str, int]) -> dict[str, list[int]]:
+        """Drafts for each request in `sampled` (req_id -> its number of known tokens n).
+
+        `entries`: (state, start, num_scheduled, first flat row) of every request in the step
+        that takes drafts; `hidden` [T, H] the target's hidden states of the step.
+        """
+        batch, last, limits = self._catch_up_batch(entries, sampled)
+        if not batch.ids:
+            return {}
+        out_hidden = self._run(batch, hidden)
+        logits = self.model.compute_logits(out_hidden[last])
+        tokens = logits.argmax(dim=-1).tolist()
+        order = [req_id for req_id in limits]  # requests that sampled, in entry order
+        drafts = {req_id: [t] for req_id, t in zip(order, tokens, strict=True)}
+        prev_hidden = out_hidden[last]  # [B, H] feeds EAGLE's next step
+        for j in range(2, self.k + 1):
+            live = [i for i, req_id in enumerate(order) if limits[req_id][1] >= j]
+            if not live:
+                break
+            pos = [limits[order[i]][0] + j - 2 - self.eagle for i in live]
+            step = _Batch(ids=[drafts[order[i]][-1] for i in live], positions=pos,
+                          hidden_rows=live, rows=[limits[order[i]][2] for i in live],
+                          query_lens=[1] * len(live), seq_lens=[p + 1 for p in pos])
+            out = self._run(step, prev_hidden)
+            next_tokens = self.model.compute_logits(out).argmax(dim=-1).tolist()
+            for i, t in zip(live, next_tokens, strict=True):
+                drafts[order[i]].append(t)
+            prev_hidden = prev_hidden.clone()
+            prev_hidden[torch.tensor(live, device=self.device)] = out
+        return {req_id: d[: limits[req_id][1]] for req_id, d in drafts.items()}
+
+    def _catch_up_batch(self, entries: list[tuple], sampled: dict[str, int]):
+        """The first forward's entries; the flat index of each sampler's last entry; and per
+        sampler (n, drafts it may take, block-table row)."""
+        batch = _Batch([], [], [], [], [], [])
+        last: list[int] = []
+        limits: dict[str, tuple[int, int, int]] = {}
+        shift = 1 if self.eagle else 0  # EAGLE's entry i needs token i + 1
+        for state, start, num_scheduled, offset in entries:
+            n = sampled.get(state.req_id)
+            end = (n if n is not None else start + num_scheduled + shift) - shift
+            if self.eagle:  # target hidden states exist for this step's positions only
+                end = min(end, start + num_scheduled)
+            capacity = int(self.block_table.num_blocks[state.row]) * self.block_size
+            full = end <= capacity  # never write past the blocks the scheduler allocated
+            end = min(end, capacity)
+            if end <= start:
+                if n is not None:  # pragma: no cover - the scheduler allocates these slots
+                    raise AssertionError(f"no drafter entry for {state.req_id}")
+                continue
+            tokens = state.token_slice(start + shift, end + shift)
+            batch.ids += tokens
+            batch.positions += range(start, end)
+            batch.hidden_rows += range(offset, offset + end - start)
+            batch.rows.append(state.row)
+            batch.query_lens.append(end - start)
+            batch.seq_lens.append(end)
+            if n is not None:
+                last.append(len(batch.ids) - 1)
+                # Draft j is at position n + j - 1; its forward writes position <= n + j - 2.
+                k = max(0, min(self.k, self.max_model_len - n, capacity - n + 1)) if full else 0
+                limits[state.req_id] = (n, k, state.row)
+        # Requests whose limit is 0 still ran (their KV is needed later) but draft nothing.
+        return batch, last, limits
+
+    def _run(self, batch: _Batch, hidden: torch.Tensor) -> torch.Tensor:
+        """One drafter forward over `batch`; returns its output hidden states [T, H]."""
+        dev = self.device
+        positions = np.asarray(batch.positions, dtype=np.int64)
+        rows = np.repeat(np.asarray(batch.rows, dtype=np.int64), batch.query_lens)
+        slots = self.block_table.slots(rows, positions)
+        cols = -(-max(batch.seq_lens) // self.block_size)
+        meta = AttnMetadata(
+            query_start_loc=torch.tensor(np.concatenate([[0], np.cumsum(batch.query_lens)]),
+                                         dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(
+                self.block_table.table[batch.rows, :cols].copy()).to(dev),
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            max_query_len=max(batch.query_lens), max_seq_len=max(batch.seq_lens))
+        ids = torch.tensor(batch.ids, dtype=torch.int64, device=dev)
+        pos = torch.from_numpy(positions).to(dev)
+        with set_forward_context(meta):
+            if self.eagle:
+                rows_t = torch.tensor(batch.hidden_rows, dtype=torch.int64, device=dev)
+                return self.model(ids, pos, hidden.index_select(0, rows_t))
+            return self.model(ids, pos)
