@@ -30,11 +30,17 @@ from kernels.rejection import rejection_sample, rejection_sample_ref
 from kernels.sample import apply_token_bitmask, apply_token_bitmask_ref
 from sampling.logits import to_device
 from sampling.params import SamplingParams
-from sampling.sampler import apply_min_p, apply_top_k_top_p
+from sampling.sampler import apply_top_k_top_p
 from sampling.structured import RequestGrammar
 
 _NEUTRAL = SamplingParams()  # greedy rows ride along unscaled
 
+
+
+def apply_min_p(probs: Tensor, min_p: Tensor) -> None:
+    """Zero `probs` [N, V] below min_p [N] times the row's top probability, in place."""
+    threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    probs.masked_fill_(probs < threshold, 0.0)
 
 def spec_eligible(p: SamplingParams) -> bool:
     """True when the request may take draft tokens (see the module docstring)."""
