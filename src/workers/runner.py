@@ -22,7 +22,7 @@ from enginecore.protocol import ExecuteStep, NewReq, StepResult, TokenLogprobs
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from sampling.structured import GrammarCompiler, RequestGrammar
-from workers.attention import AttnMetadata, set_forward_context
+from workers.attention import AttnMetadata, kv_cache_torch_dtype, set_forward_context
 from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
@@ -77,7 +77,9 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = config.cache.block_size
-        self.model = load_model(config.model.model, dtype, device, config.model.load_format)
+        self.model = load_model(config.model.model, dtype, device, config.model.load_format,
+                                config.model.quantization)
+        self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, dtype)
         self.sampler = Sampler(config.model.vocab_size, config.model.eos_token_ids)
         # Matchers live here, not in the engine core: with async scheduling only the workers
         # know a step's sampled token before the next step runs.
@@ -99,11 +101,11 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         shape = self.model.kv_cache_shape(1, self.block_size)
         elems = int(np.prod(shape))
-        return elems * torch.empty((), dtype=self.dtype).element_size() * self.model.num_layers
+        return elems * torch.empty((), dtype=self.kv_dtype).element_size() * self.model.num_layers
 
     def init_kv_cache(self, num_blocks: int) -> None:
         shape = self.model.kv_cache_shape(num_blocks, self.block_size)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(self.model.num_layers)]
         self.model.bind_kv_cache(self.kv_caches)
         if self.device.type == "cuda" and not self.config.model.enforce_eager:
