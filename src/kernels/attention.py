@@ -298,7 +298,8 @@ def _find_seq(qsl_ptr, num_seqs, global_tile, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
-                    qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_seqs,
+                    qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                    num_seqs,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -538,7 +539,8 @@ def _launch_args(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
     interpret = query.device.type == "cpu"
     upcast = interpret and query.dtype == torch.bfloat16
     return dict(
-        qk_scale=scales[0] * _LOG2E, v_scale=scales[1], stride_qt=query.stride(0), stride_qh=query.stride(1),
+        qk_scale=scales[0] * _LOG2E, v_scale=scales[1], stride_qt=query.stride(0),
+        stride_qh=query.stride(1),
         stride_ot=out.stride(0), stride_oh=out.stride(1), stride_bt=metadata[2].stride(0),
         NUM_KV_HEADS=kv_cache.shape[3], HEAD_DIM=query.shape[2], BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_N=tile.block_n, UPCAST=upcast, INTERPRET=interpret,

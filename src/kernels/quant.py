@@ -139,8 +139,8 @@ def w4a16_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K: tl.constexpr, stride_x, stride_q, qmax, min_scale,
-                            IS_INT: tl.constexpr, BLOCK: tl.constexpr):
+def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K: tl.constexpr, stride_x, stride_q, qmax,
+                            min_scale, IS_INT: tl.constexpr, BLOCK: tl.constexpr):
     # One program per row: pass 1 finds max|x|, pass 2 writes x / scale.
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros([BLOCK], tl.float32)

@@ -12,8 +12,8 @@ Checkpoint formats (per linear layer; K in_features, N out_features, G = K / gro
                                 permutation-ordered assignment, else k // group_size
     AWQ (AutoAWQ GEMM, `quant_method` "awq"; `bits`/`w_bit` 4, `group_size`/`q_group_size`,
     `zero_point`):
-        qweight [K, N/8] int32  packed along the OUTPUT dim in AWQ's interleaved order: nibble i
-                                of word c holds column 8c + AWQ_ORDER[i], AWQ_ORDER = 0 2 4 6 1 3 5 7
+        qweight [K, N/8] int32  packed along the OUTPUT dim in AWQ's interleaved order: nibble
+                                i of word c holds column 8c + AWQ_ORDER[i] (0 2 4 6 1 3 5 7)
         qzeros  [G, N/8] int32  same packing; zero points stored as is
         scales  [G, N]          fp16
 
