@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from quant_ckpt import write_quantized
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from enginecore.config import EngineConfig
 from kernels.quant import FP8_DTYPE, per_token_quant_ref, quantize_ref, scaled_mm_ref
+from workers.attention import kv_cache_torch_dtype
 from workers.models import load_model
 from workers.quant import QuantLinear
 from workers.quant.w4a16 import AWQ_ORDER, dequantize_w4, pack_int4_cols, unpack_int4_cols
@@ -161,8 +162,6 @@ def test_ignore_list_keeps_layers_unquantized(ckpts, tmp_path):
     for name in [n for n in tensors if "down_proj" in n]:
         del tensors[name]
     tensors |= {n: w for n, w in deq.items() if "down_proj" in n}
-    from safetensors.torch import save_file
-
     save_file(tensors, str(dst / "model.safetensors"))
     cfg = json.loads((dst / "config.json").read_text())
     cfg["quantization_config"]["ignore"] = ["lm_head", "re:.*down_proj"]
@@ -170,3 +169,39 @@ def test_ignore_list_keeps_layers_unquantized(ckpts, tmp_path):
     model = load_model(dst, torch.float32, "cpu")
     assert not isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
     assert isinstance(model.model.layers[0].mlp.gate_up_proj, QuantLinear)
+
+
+def test_kv_cache_scales_from_checkpoint(llama, tmp_path):
+    dst = tmp_path / "kv-scales"
+    shutil.copytree(llama, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors |= {"model.layers.1.self_attn.k_scale": torch.tensor(0.5),
+                "model.layers.1.self_attn.v_scale": torch.tensor([2.0])}
+    save_file(tensors, str(dst / "model.safetensors"))
+    model = load_model(dst, torch.float32, "cpu")
+    attn0, attn1 = (layer.self_attn.attn for layer in model.model.layers)
+    assert (attn0.k_scale, attn0.v_scale) == (1.0, 1.0)  # absent: 1.0
+    assert (attn1.k_scale, attn1.v_scale) == (0.5, 2.0)
+    tensors["model.layers.1.self_attn.v_scale"] = torch.tensor(0.0)
+    save_file(tensors, str(dst / "model.safetensors"))
+    with pytest.raises(ValueError, match="v_scale must be positive"):
+        load_model(dst, torch.float32, "cpu")
+
+
+def test_fp8_kv_cache_halves_block_bytes(llama):
+    # bf16 model: an fp8 block takes half the bytes, so the same memory holds twice the blocks.
+    from workers.runner import ModelRunner
+
+    sizes = {}
+    for kv_dtype in ("auto", "fp8"):
+        cfg = EngineConfig.create(llama, dtype="bfloat16", kv_cache_dtype=kv_dtype)
+        runner = ModelRunner(cfg, torch.device("cpu"), torch.bfloat16)
+        sizes[kv_dtype] = runner.bytes_per_block()
+        runner.init_kv_cache(4)
+        assert runner.kv_caches[0].dtype == runner.kv_dtype
+    assert sizes["auto"] == 2 * sizes["fp8"]
+    assert runner.kv_dtype == torch.float8_e4m3fn
+    assert kv_cache_torch_dtype("fp8_e5m2", torch.bfloat16) == torch.float8_e5m2
+    assert kv_cache_torch_dtype("auto", torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig.create(llama, kv_cache_dtype="int4")

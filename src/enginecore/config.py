@@ -138,6 +138,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.model.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be >= -1, got {self.model.max_logprobs}")
+        if c.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"):
+            raise ValueError("kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2; got "
+                             f"{c.kv_cache_dtype!r}")
         if self.parallel.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
         backend = self.structured_outputs.backend

@@ -17,6 +17,7 @@ from torch import nn
 
 from workers import quant
 from workers.loader import load_weights
+from workers.quant.kv_scales import install_kv_scales
 
 # architecture -> (module, class name); a module is imported only when its model is used.
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -84,6 +85,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
         "quant_method")
     with torch.device(device), _default_dtype(dtype):
         model = cls(hf_config)
+        install_kv_scales(model)
         if quantization:
             quant.quantize_model(model, quant.get_quant_method(quantization, hf_config),
                                  hf_config)
