@@ -51,7 +51,8 @@ class GemmTile(NamedTuple):
 
 # Small M (decode) is bandwidth bound: narrow M tiles; large M (prefill) wants square tiles.
 W8A8_TILES = {"small": GemmTile(16, 64, 128, 4, 4), "large": GemmTile(128, 128, 64, 8, 3)}
-W4A16_TILES = {"small": GemmTile(16, 64, 128, 4, 3), "large": GemmTile(64, 128, 64, 4, 3)}
+# W4A16 small-M tiles are narrow in N so that an 8B layer (N = 4096) still fills ~128 SMs.
+W4A16_TILES = {"small": GemmTile(16, 32, 128, 4, 3), "large": GemmTile(64, 128, 64, 4, 3)}
 _INTERPRET_TILE = GemmTile(16, 16, 32, 1, 1)
 _SMALL_M = 64  # rows up to which the "small" tile is used
 
@@ -197,7 +198,7 @@ def _scaled_mm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K: 
 @triton.jit
 def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, M, N, K: tl.constexpr,
                   stride_xm, stride_om, GROUP_SIZE: tl.constexpr, HAS_GIDX: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                  ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Dequantize a [BLOCK_K, BLOCK_N] weight tile in registers, then one tl.dot with x's tile.
     # Each packed word is loaded by the 8 rows it holds (served from L1) and shifted apart.
@@ -217,13 +218,18 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, M, N
         words = tl.load(qw_ptr + ((k + ks) // 8)[:, None].to(tl.int64) * N + cols[None, :],
                         mask=tile_ok, other=0)
         q = ((words >> shifts) & 0xF).to(tl.float32)
-        if HAS_GIDX:
-            g = tl.load(gidx_ptr + k + ks, mask=k_ok, other=0)
+        if ONE_GROUP:  # the whole K tile lies in one group: one row of scales and zeros
+            g_off = ((k // GROUP_SIZE) * N + cols)[None, :].to(tl.int64)
+            s = tl.load(s_ptr + g_off, mask=col_ok[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g_off, mask=col_ok[None, :], other=0.0).to(tl.float32)
         else:
-            g = (k + ks) // GROUP_SIZE
-        g_off = g[:, None].to(tl.int64) * N + cols[None, :]
-        s = tl.load(s_ptr + g_off, mask=tile_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g_off, mask=tile_ok, other=0.0).to(tl.float32)
+            if HAS_GIDX:
+                g = tl.load(gidx_ptr + k + ks, mask=k_ok, other=0)
+            else:
+                g = (k + ks) // GROUP_SIZE
+            g_off = g[:, None].to(tl.int64) * N + cols[None, :]
+            s = tl.load(s_ptr + g_off, mask=tile_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g_off, mask=tile_ok, other=0.0).to(tl.float32)
         if UPCAST:
             acc += tl.dot(x.to(tl.float32), (q - z) * s, input_precision="ieee")
         else:
@@ -307,7 +313,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     _w4a16_kernel[grid](
         x, qweight, scales, zeros, g_idx if g_idx is not None else qweight,
         bias if bias is not None else scales, out, m, n, k, x.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None,
+        GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
+        ONE_GROUP=g_idx is None and group_size % tile.block_k == 0, HAS_BIAS=bias is not None,
         UPCAST=x.device.type == "cpu" or x.dtype == torch.float32,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)

@@ -24,6 +24,8 @@ Dimension legend: M tokens, K in_features, N out_features, S shards of a packed 
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,7 @@ from kernels.quant import (
 )
 from workers.quant.linear import QuantLinear, per_shard_scalar
 
+logger = logging.getLogger("workers")
 _QMAX = {torch.int8: 127.0, FP8_DTYPE: torch.finfo(FP8_DTYPE).max}
 
 
@@ -105,7 +108,8 @@ class W8A8Method:
         bias = layer.bias
         if not x.is_cuda:
             return scaled_mm_ref(x_q, layer.weight, x_scale, layer.weight_scale_n, x.dtype, bias)
-        if self.weight_dtype == FP8_DTYPE and _scaled_mm_ok(x_q.shape[1], layer.out_features):
+        if self.weight_dtype == FP8_DTYPE and _scaled_mm_ok(x_q.shape[1], layer.out_features,
+                                                            x.device):
             return _fp8_scaled_mm(x_q, layer.weight, x_scale, layer.weight_scale_n, x.dtype, bias)
         return scaled_mm(x_q, layer.weight, x_scale, layer.weight_scale_n, x.dtype, bias)
 
@@ -116,9 +120,24 @@ def _repeat_per_shard(layer: QuantLinear, values: torch.Tensor) -> torch.Tensor:
     return values.float().repeat_interleave(sizes)
 
 
-def _scaled_mm_ok(k: int, n: int) -> bool:
+def _scaled_mm_ok(k: int, n: int, device: torch.device) -> bool:
     # cuBLASLt FP8 wants both GEMM dims that touch the weight to be multiples of 16.
-    return k % 16 == 0 and n % 16 == 0
+    return k % 16 == 0 and n % 16 == 0 and _rowwise_scaled_mm_works(device.index or 0)
+
+
+@functools.cache
+def _rowwise_scaled_mm_works(device_index: int) -> bool:
+    """Whether this GPU and torch build run row-wise-scaled FP8 `torch._scaled_mm` (probed once;
+    otherwise FP8 goes through the Triton kernel)."""
+    try:
+        a = torch.ones(16, 32, device=f"cuda:{device_index}").to(FP8_DTYPE)
+        scale = torch.ones(16, 1, device=a.device)
+        _fp8_scaled_mm(a, a, scale, scale[:, 0].contiguous(), torch.bfloat16, None)
+        return True
+    except (RuntimeError, NotImplementedError) as e:
+        logger.warning("torch._scaled_mm with row-wise scales is unavailable (%s); FP8 GEMMs "
+                       "use the Triton kernel", e)
+        return False
 
 
 def _fp8_scaled_mm(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor,
