@@ -198,8 +198,8 @@ def _scaled_mm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K: 
 @triton.jit
 def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, M, N, K: tl.constexpr,
                   stride_xm, stride_om, GROUP_SIZE: tl.constexpr, HAS_GIDX: tl.constexpr,
-                  ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Dequantize a [BLOCK_K, BLOCK_N] weight tile in registers, then one tl.dot with x's tile.
     # Each packed word is loaded by the 8 rows it holds (served from L1) and shifted apart.
     pid_m = tl.program_id(0)
