@@ -58,7 +58,7 @@ def agreement(model: str, reference, **engine_args) -> tuple[float, float]:
     """(teacher-forced top-1 agreement, greedy prefix match rate) of an engine on `model`."""
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
                             prompt_logprobs=1)
-    with LLM(model, **engine_args) as llm:
+    with LLM(model, dtype="float32", **engine_args) as llm:  # same numbers on CPU and CUDA
         outs = llm.generate(_prompts(), params, use_tqdm=False)
     ref_top1, ref_greedy = reference
     hits = total = prefix = 0
