@@ -100,8 +100,7 @@ def quantize_model(model: nn.Module, method: QuantMethod, hf_config: dict) -> in
         weight = module.weight
         new = QuantLinear(weight.shape[1], weight.shape[0], _shards(module),
                           module.bias is not None, method, weight.dtype)
-        model.get_submodule(parent_name).register_module(attr, new) if parent_name \
-            else setattr(model, attr, new)
+        setattr(model.get_submodule(parent_name), attr, new)
         count += 1
     return count
 

@@ -24,7 +24,8 @@ from torch import nn
 
 # shard id (None for an unpacked layer, "q"/"k"/"v", 0/1) -> (row offset, rows) in the N axis
 Shards = dict[object, tuple[int, int]]
-ShardLoader = Callable[[nn.Parameter, torch.Tensor, object], None]
+# weight_loader(param, checkpoint tensor, shard id); the model loader omits the id when None
+ShardLoader = Callable[..., None]
 
 
 class QuantMethod(Protocol):
@@ -55,6 +56,10 @@ class QuantLinear(nn.Module):
         self.bias = self.add_param("bias", (out_features,), dtype, out_dim=0) if bias else None
         method.create_weights(self)
 
+    def add_buffer(self, name: str, tensor: torch.Tensor | None) -> None:
+        """A derived tensor a method computes after loading (moves with the module)."""
+        self.register_buffer(name, tensor, persistent=False)
+
     def add_param(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                   out_dim: int | None, pack: int = 1,
                   loader: ShardLoader | None = None) -> nn.Parameter:
@@ -65,11 +70,11 @@ class QuantLinear(nn.Module):
 
             def loader(p: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
                 self._copy_shard(p, loaded, shard_id, out_dim, pack)
-        param.weight_loader = _with_default_shard(loader)  # type: ignore[attr-defined]
+        param.weight_loader = loader  # type: ignore[attr-defined]
         self.register_parameter(name, param)
         return param
 
-    def shard_id_check(self, shard_id: object) -> tuple[int, int]:
+    def shard_range(self, shard_id: object) -> tuple[int, int]:
         """(offset, size) of `shard_id` in the N axis; a clear error for an unknown shard."""
         if shard_id not in self.shards:
             raise ValueError(f"unknown shard {shard_id!r} (layer shards: {list(self.shards)})")
@@ -77,7 +82,7 @@ class QuantLinear(nn.Module):
 
     def _copy_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object,
                     out_dim: int, pack: int) -> None:
-        offset, size = self.shard_id_check(shard_id)
+        offset, size = self.shard_range(shard_id)
         if offset % pack or size % pack:
             raise ValueError(f"shard {shard_id!r} ({offset}+{size}) is not a multiple of the "
                              f"packing factor {pack}")
@@ -95,13 +100,6 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, method={self.method.name}"
-
-
-def _with_default_shard(loader: ShardLoader) -> Callable[..., None]:
-    # The model loader calls weight_loader(param, tensor) for unpacked layers.
-    def weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        loader(param, loaded, shard_id)
-    return weight_loader
 
 
 def same_for_every_shard(name: str) -> ShardLoader:
@@ -125,7 +123,7 @@ def per_shard_scalar(layer: QuantLinear, name: str) -> ShardLoader:
     index = {shard: i for i, shard in enumerate(layer.shards)}
 
     def loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        layer.shard_id_check(shard_id)
+        layer.shard_range(shard_id)
         if loaded.numel() != 1:
             raise ValueError(f"{name}: expected one value per tensor, got shape "
                              f"{tuple(loaded.shape)}")

@@ -88,14 +88,15 @@ class W4A16Method:
         zeros = unpack_int4_cols(layer.qzeros.data, order) + self.zero_offset
         if self.fmt == "awq":
             layer.qweight.data = pack_int4_rows(unpack_int4_cols(layer.qweight.data, order))
-        layer.zeros = zeros.to(layer.dtype).contiguous()
+        layer.add_buffer("zeros", zeros.to(layer.dtype).contiguous())
         layer.scales.data = layer.scales.data.contiguous()
         layer.group_size_k = layer.in_features // self._groups(layer)
-        layer.gidx = None
+        gidx = None
         if self.fmt == "gptq" and self.act_order:
-            layer.gidx = layer.g_idx.data.to(torch.int32).contiguous()
-            if int(layer.gidx.min()) < 0 or int(layer.gidx.max()) >= zeros.shape[0]:
+            gidx = layer.g_idx.data.to(torch.int32).contiguous()
+            if int(gidx.min()) < 0 or int(gidx.max()) >= zeros.shape[0]:
                 raise ValueError(f"g_idx values must lie in [0, {zeros.shape[0]})")
+        layer.add_buffer("gidx", gidx)
         del layer.qzeros
 
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:

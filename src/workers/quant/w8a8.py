@@ -79,13 +79,13 @@ class W8A8Method:
             scale = layer.weight_scale.data.reshape(-1)
         else:
             scale = _repeat_per_shard(layer, layer.weight_scale.data)
-        layer.weight_scale_n = scale.float().contiguous()  # [N]
+        layer.add_buffer("weight_scale_n", scale.float().contiguous())  # [N]
         if layer.weight.is_cuda and self.weight_dtype == FP8_DTYPE:
             # Probe now, not inside a CUDA-graph capture (the answer is cached).
             _rowwise_scaled_mm_works(layer.weight.device.index or 0)
         if self.static_input:
             # One activation scale for the fused GEMM: the largest shard's (vLLM's choice).
-            layer.input_scale_max = layer.input_scale.data.max().reshape(1, 1).float()
+            layer.add_buffer("input_scale_max", layer.input_scale.data.max().reshape(1, 1).float())
 
     def _quantize(self, layer: QuantLinear, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # w [N, K] -> (w_q [N, K], scale [N]): per row, or per checkpoint tensor (shard).
