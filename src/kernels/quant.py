@@ -199,18 +199,24 @@ def _scaled_mm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K: 
 def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, M, N, K: tl.constexpr,
                   stride_xm, stride_om, GROUP_SIZE: tl.constexpr, HAS_GIDX: tl.constexpr,
                   ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  K_SPLIT: tl.constexpr):
     # Dequantize a [BLOCK_K, BLOCK_N] weight tile in registers, then one tl.dot with x's tile.
     # Each packed word is loaded by the 8 rows it holds (served from L1) and shifted apart.
+    # Split-K (grid axis 2): program z covers K rows [z*K_SPLIT, (z+1)*K_SPLIT) and writes an
+    # fp32 partial at out_ptr + z*M*N (the launcher sums the partials in a fixed order).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    k_start = tl.program_id(2) * K_SPLIT
+    out_ptr += tl.program_id(2).to(tl.int64) * M * N
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     col_ok = cols < N
     shifts = ((ks % 8) * 4)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in range(0, K, BLOCK_K):
+    for kk in range(0, K_SPLIT, BLOCK_K):  # constexpr bounds: also fine in the interpreter
+        k = k_start + kk
         k_ok = (k + ks) < K
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k + ks)[None, :],
                     mask=(rows[:, None] < M) & k_ok[None, :], other=0.0)
@@ -220,8 +226,9 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, bias_ptr, out_ptr, M, N
         q = ((words >> shifts) & 0xF).to(tl.float32)
         if ONE_GROUP:  # the whole K tile lies in one group: one row of scales and zeros
             g_off = ((k // GROUP_SIZE) * N + cols)[None, :].to(tl.int64)
-            s = tl.load(s_ptr + g_off, mask=col_ok[None, :], other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g_off, mask=col_ok[None, :], other=0.0).to(tl.float32)
+            row_ok = col_ok[None, :] & (k < K)  # an empty last split reads nothing
+            s = tl.load(s_ptr + g_off, mask=row_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g_off, mask=row_ok, other=0.0).to(tl.float32)
         else:
             if HAS_GIDX:
                 g = tl.load(gidx_ptr + k + ks, mask=k_ok, other=0)
@@ -295,8 +302,11 @@ def scaled_mm(a_q: torch.Tensor, w_q: torch.Tensor, scale_a: torch.Tensor,
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor, g_idx: torch.Tensor | None, group_size: int,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton `w4a16_gemm_ref`: x [M, K] fp16/bf16/fp32 times the canonical W4 layout."""
+               bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
+    """Triton `w4a16_gemm_ref`: x [M, K] fp16/bf16/fp32 times the canonical W4 layout.
+
+    split_k (a power of two; default: `_split_k`) splits K over programs for small M.
+    """
     m, k = x.shape
     n = qweight.shape[1]
     assert x.stride(1) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -310,12 +320,42 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return out
     tile = _tile(W4A16_TILES, m, x.device)
     grid = (triton.cdiv(m, tile.block_m), triton.cdiv(n, tile.block_n))
-    _w4a16_kernel[grid](
+    split = split_k or _split_k(grid[0] * grid[1], k, tile.block_k, x.device)
+    # K rows per split: a multiple of BLOCK_K (so one-group tiles stay aligned to groups).
+    k_split = triton.cdiv(triton.cdiv(k, split), tile.block_k) * tile.block_k
+    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
+                                                device=x.device)
+    _w4a16_kernel[(*grid, split)](
         x, qweight, scales, zeros, g_idx if g_idx is not None else qweight,
-        bias if bias is not None else scales, out, m, n, k, x.stride(0), out.stride(0),
+        bias if bias is not None else scales, target, m, n, k, x.stride(0), n,
         GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
-        ONE_GROUP=g_idx is None and group_size % tile.block_k == 0, HAS_BIAS=bias is not None,
+        ONE_GROUP=g_idx is None and group_size % tile.block_k == 0,
+        HAS_BIAS=bias is not None and split == 1,
         UPCAST=x.device.type == "cpu" or x.dtype == torch.float32,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, K_SPLIT=k_split,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if split > 1:
+        summed = target.sum(dim=0)
+        if bias is not None:
+            summed += bias.float()
+        out.copy_(summed)
     return out
+
+
+_SM_COUNT: dict[int, int] = {}
+_PROGRAMS_PER_SM = 2  # split-K until about this many programs per SM
+_MIN_K_TILES_PER_SPLIT = 4
+
+
+def _split_k(programs: int, k: int, block_k: int, device: torch.device) -> int:
+    """Split-K factor for a grid of `programs` tiles: enough programs to fill the GPU."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    split = 1
+    while (programs * split < _PROGRAMS_PER_SM * _SM_COUNT[index]
+           and k // (2 * split * block_k) >= _MIN_K_TILES_PER_SPLIT):
+        split *= 2
+    return split

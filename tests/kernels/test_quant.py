@@ -78,11 +78,14 @@ def _random_w4(k: int, n: int, group_size: int, act_order: bool, dtype: torch.dt
     return pack_int4_rows(q), scales, zeros, g_idx, q
 
 
-@pytest.mark.parametrize("act_order,group", [(False, 16), (True, 16), (False, 32)])
+@pytest.mark.parametrize("act_order,group,split_k", [(False, 16, 1), (True, 16, 1),
+                                                     (False, 32, 1), (True, 16, 2),
+                                                     (False, 32, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_w4a16_matches_ref(act_order, group, dtype):
-    # group 32 = the interpreter's BLOCK_K: the kernel's one-group-per-tile path
-    k, n, m = 64, 24, 5
+def test_w4a16_matches_ref(act_order, group, split_k, dtype):
+    # group 32 = the interpreter's BLOCK_K: the kernel's one-group-per-tile path; split_k 4 over
+    # K = 96 leaves the last split empty (rows beyond K masked)
+    k, n, m = (96 if split_k == 4 else 64), 24, 5
     qweight, scales, zeros, g_idx, q = _random_w4(k, n, group, act_order, dtype)
     # The reference dequantization is the documented formula.
     g = g_idx.long() if act_order else torch.arange(k) // group
@@ -90,7 +93,7 @@ def test_w4a16_matches_ref(act_order, group, dtype):
     torch.testing.assert_close(dequant_w4_ref(qweight, scales, zeros, g_idx, group), w)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype)
-    out = w4a16_gemm(x, qweight, scales, zeros, g_idx, group, bias)
+    out = w4a16_gemm(x, qweight, scales, zeros, g_idx, group, bias, split_k=split_k)
     ref = w4a16_gemm_ref(x, qweight, scales, zeros, g_idx, group, bias)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
