@@ -30,6 +30,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     enforce_eager: bool = False  # never capture CUDA graphs
     # most logprobs / prompt_logprobs per position a request may ask for (-1: up to the vocab)
     max_logprobs: int = 20
+    # weight quantization: fp8 | ptpc_fp8 (dynamic, from a bf16/fp32 checkpoint) | gptq | awq |
+    # compressed-tensors; None: the checkpoint's quantization_config, else unquantized
+    quantization: str | None = None
     # Derived from the checkpoint by `EngineConfig.create`.
     architecture: str = ""
     vocab_size: int = 0
@@ -54,6 +57,9 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
     # CPU has no memory profiler worth trusting: size the KV cache by bytes instead.
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None  # exact block count (tests force preemption with it)
+    # KV cache storage: auto (the model dtype) | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2; fp8 stores
+    # K/V divided by a per-tensor scale (k_scale/v_scale: 1.0 or the checkpoint's)
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -219,10 +225,14 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             self.model, max_model_len=max_len, architecture=info["architecture"],
             vocab_size=info["vocab_size"], eos_token_ids=info["eos_token_ids"],
             hidden_size=info["hidden_size"],
-            batch_invariant=self.model.batch_invariant or Env.BATCH_INVARIANT)
+            batch_invariant=self.model.batch_invariant or Env.BATCH_INVARIANT,
+            quantization=_quantization(self.model.quantization, info["quant_method"]))
         cfg = msgspec.structs.replace(self, model=model)
         cfg.validate()
         _check_tensor_parallel(self.parallel.tensor_parallel_size, info)
+        if cfg.model.quantization and self.parallel.tensor_parallel_size > 1:
+            raise ValueError("quantization: quantized linear layers are not sharded for "
+                             "tensor_parallel_size > 1 yet")
         return cfg
 
     def validate(self) -> None:
@@ -240,6 +250,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.model.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be >= -1, got {self.model.max_logprobs}")
+        if c.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"):
+            raise ValueError("kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2; got "
+                             f"{c.kv_cache_dtype!r}")
         if self.parallel.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
         for modality, limit in self.multimodal.limit_mm_per_prompt.items():
@@ -356,6 +369,31 @@ def _speculative_config(value: object) -> SpeculativeConfig:
     return spec
 
 
+# --quantization values; the checkpoint-format ones must match config.json's quant_method.
+QUANTIZATION_METHODS = ("fp8", "ptpc_fp8", "gptq", "awq", "compressed-tensors")
+_DYNAMIC_METHODS = ("fp8", "ptpc_fp8")  # quantize an unquantized checkpoint while loading
+
+
+def _quantization(requested: str | None, in_checkpoint: str | None) -> str | None:
+    """The quantization method to run: the checkpoint's, or the requested dynamic one."""
+    if requested is not None and requested not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization {requested!r} is not supported; choose one of "
+                         f"{', '.join(QUANTIZATION_METHODS)}")
+    if in_checkpoint is None:
+        if requested is not None and requested not in _DYNAMIC_METHODS:
+            raise ValueError(f"quantization {requested!r} needs a checkpoint quantized that way "
+                             "(config.json has no quantization_config); for an unquantized "
+                             f"checkpoint choose one of {', '.join(_DYNAMIC_METHODS)}")
+        return requested
+    if in_checkpoint not in QUANTIZATION_METHODS or in_checkpoint in _DYNAMIC_METHODS:
+        raise ValueError(f"checkpoint quantization_config.quant_method {in_checkpoint!r} is not "
+                         "supported (gptq, awq and compressed-tensors checkpoints are)")
+    if requested is not None and requested != in_checkpoint:
+        raise ValueError(f"quantization {requested!r} does not match the checkpoint's "
+                         f"quantization_config.quant_method {in_checkpoint!r}")
+    return in_checkpoint
+
+
 def read_checkpoint_info(model_dir: str) -> dict:
     """Architecture, vocab size, context length and EOS ids from an HF checkpoint directory."""
     path = Path(model_dir)
@@ -381,6 +419,7 @@ def read_checkpoint_info(model_dir: str) -> dict:
         "hidden_size": int(text_cfg.get("hidden_size", 0)),
         "max_position_embeddings": int(text_cfg.get("max_position_embeddings", 2048)),
         "eos_token_ids": eos,
+        "quant_method": (hf.get("quantization_config") or {}).get("quant_method"),
     }
 
 

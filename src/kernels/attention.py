@@ -19,6 +19,11 @@ KV cache layout, one tensor per layer:
     kv_cache [2, N, P, Hkv, D]   index 0 = keys, 1 = values
     slot = block_id * P + offset -> flat row of kv_cache[i].view(N * P, Hkv, D)
 
+FP8 KV cache (`kv_cache.dtype` float8_e4m3fn or float8_e5m2): the store divides K and V by their
+per-tensor scales (k_scale, v_scale: fp32 host floats) and saturates to the format's range; the
+attention kernels cast each loaded tile back to the query dtype and fold the scales in where they
+cost nothing: k_scale into the softmax scale (q.(s k) = s (q.k)), v_scale into the final 1/l.
+
 A sequence's context is the concatenation of its blocks in `block_tables[b]` order; its new tokens
 are the LAST q_len positions of that context, and their K/V are stored before attention runs.
 
@@ -86,29 +91,50 @@ DECODE_PROGRAMS_PER_SM = 4
 MAX_DECODE_SPLITS = 64
 
 
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantize_kv_ref(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x / scale saturated to the range of `dtype` (an FP8 KV dtype), else a plain cast."""
+    if dtype not in FP8_KV_DTYPES:
+        return x.to(dtype)
+    fmax = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-fmax, fmax).to(dtype)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    # CPU torch lacks index kernels for fp8: move FP8 bytes as uint8 (same size, same bits).
+    return t.view(torch.uint8) if t.dtype in FP8_KV_DTYPES else t
+
+
 def store_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-    """Write key/value [T, Hkv, D] into kv_cache at slot_mapping [T]; slots < 0 are skipped."""
+                 slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Write key/value [T, Hkv, D] into kv_cache at slot_mapping [T]; slots < 0 are skipped.
+
+    An FP8 cache stores key / k_scale and value / v_scale (saturated).
+    """
     num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
     assert key.shape == value.shape and key.shape[1:] == (num_kv_heads, head_dim)
     assert slot_mapping.shape == (key.shape[0],)
     # Padded tokens (e.g. CUDA-graph padding) carry slot -1 and must not touch the cache.
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slots, key[keep].to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, value[keep].to(kv_cache.dtype))
+    flat = _bytes(kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim))
+    flat[0].index_copy_(0, slots, _bytes(quantize_kv_ref(key[keep], k_scale, kv_cache.dtype)))
+    flat[1].index_copy_(0, slots, _bytes(quantize_kv_ref(value[keep], v_scale, kv_cache.dtype)))
 
 
 def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                        block_tables: torch.Tensor, scale: float,
-                        batch_invariant: bool = False) -> torch.Tensor:
+                        block_tables: torch.Tensor, scale: float, k_scale: float = 1.0,
+                        v_scale: float = 1.0, batch_invariant: bool = False) -> torch.Tensor:
     """Causal GQA attention of query [T, Hq, D] over each sequence's paged context -> [T, Hq, D].
 
+    An FP8 cache is dequantized (times k_scale / v_scale) before attention, in fp32.
     batch_invariant: one query token at a time over exactly the keys it sees, so a token's result
     does not depend on how its sequence was chunked or batched.
     """
+    fp8 = kv_cache.dtype in FP8_KV_DTYPES
     block_size = kv_cache.shape[2]
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
@@ -119,8 +145,11 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
         num_blocks = -(-seq_len // block_size)
         blocks = block_tables[b, :num_blocks].long()
         # [n, P, Hkv, D] -> [S, Hkv, D]: the context in position order.
-        key = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
-        value = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+        key = _bytes(kv_cache)[0, blocks].flatten(0, 1)[:seq_len]
+        value = _bytes(kv_cache)[1, blocks].flatten(0, 1)[:seq_len]
+        if fp8:
+            key = key.view(kv_cache.dtype).float() * k_scale
+            value = value.view(kv_cache.dtype).float() * v_scale
         if batch_invariant:
             for t in range(q_start, q_end):
                 pos = seq_len - (q_end - t)  # this token's position; it sees keys 0 ..= pos
@@ -169,8 +198,9 @@ def causal_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 @triton.jit
 def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
-                     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                     stride_kt, stride_kh, stride_vt, stride_vh, k_scale, v_scale, fp8_max,
+                     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     QUANT: tl.constexpr):
     # One program per token: its [Hkv, D] key and value rows go to one cache slot.
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok)
@@ -181,9 +211,12 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     ok = (heads < NUM_KV_HEADS)[:, None]
     dst = slot * (NUM_KV_HEADS * HEAD_DIM) + (heads * HEAD_DIM)[:, None] + dims[None, :]
     k = tl.load(key_ptr + tok * stride_kt + (heads * stride_kh)[:, None] + dims[None, :], mask=ok)
-    tl.store(k_cache_ptr + dst, k, mask=ok)
     v = tl.load(value_ptr + tok * stride_vt + (heads * stride_vh)[:, None] + dims[None, :], mask=ok)
-    tl.store(v_cache_ptr + dst, v, mask=ok)
+    if QUANT:  # FP8 cache: divide by the per-tensor scale, saturate (the cast alone gives NaN)
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -fp8_max), fp8_max)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -fp8_max), fp8_max)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -238,6 +271,9 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, k
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    else:  # an FP8 cache: the scales are folded in by the callers (module docstring)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     s = tl.dot(q, k, input_precision=DOT_PREC)  # [M, BLOCK_N], unscaled
     if MASK == 1:
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -270,7 +306,8 @@ def _find_seq(qsl_ptr, num_seqs, global_tile, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, tables_ptr,
-                    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_seqs,
+                    qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                    num_seqs,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -315,7 +352,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
                             full_end, kv_end, qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
                             BLOCK_N, 2, UPCAST, DOT_PREC, INTERPRET)
-    out = acc / l_i[:, None]
+    out = acc * (v_scale / l_i)[:, None]
     o_off = (q_start + q_idx).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
@@ -331,7 +368,7 @@ def _split_bounds(seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexp
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                   qsl_ptr, seq_lens_ptr, tables_ptr, qk_scale,
+                   qsl_ptr, seq_lens_ptr, tables_ptr, qk_scale, v_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                    GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -364,7 +401,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, rows, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
                             start, end, qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
                             1, UPCAST, DOT_PREC, INTERPRET)
-    out = acc / l_i[:, None]
+    out = acc * (v_scale / l_i)[:, None]
     if NUM_SPLITS == 1:
         o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
         tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
@@ -411,13 +448,14 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Triton `store_kv_ref`: key/value [T, Hkv, D] -> kv_cache at slot_mapping [T] (< 0: skip)."""
     num_tokens = key.shape[0]
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     assert kv_cache.is_contiguous() and kv_cache.shape[0] == 2
     assert key.shape == value.shape == (num_tokens, num_kv_heads, head_dim)
-    assert key.dtype == value.dtype == kv_cache.dtype, "no KV-cache dtype conversion (yet)"
+    quant = kv_cache.dtype in FP8_KV_DTYPES
+    assert key.dtype == value.dtype and (quant or key.dtype == kv_cache.dtype), "KV dtypes"
     assert key.stride(2) == 1 and value.stride(2) == 1
     assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype == torch.int64
     assert key.device == value.device == kv_cache.device == slot_mapping.device
@@ -426,16 +464,17 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         return
     _store_kv_kernel[(num_tokens,)](
         key, value, kv_cache[0], kv_cache[1], slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), float(k_scale),
+        float(v_scale), torch.finfo(kv_cache.dtype).max if quant else 0.0,
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM=head_dim, num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
+        HEAD_DIM=head_dim, QUANT=quant, num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                     max_query_len: int, out: torch.Tensor | None = None, *,
-                    num_splits: int | None = None, batch_invariant: bool = False
-                    ) -> torch.Tensor:
+                    num_splits: int | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0, batch_invariant: bool = False) -> torch.Tensor:
     """Triton `paged_attention_ref` -> out [T, Hq, D]; rows of sequences with q_len 0 untouched.
 
     max_query_len (host int) picks the kernels (module docstring); num_splits overrides the
@@ -451,22 +490,24 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     if query.shape[0] == 0 or num_seqs == 0:
         return out
     metadata = (query_start_loc, seq_lens, block_tables)
+    scales = (scale * k_scale, v_scale)  # k_scale folds into the softmax scale
     # A mixed batch runs both kernels, each skipping the other's rows: decode rows inside the
     # prefill kernel would fill 1 token of a BLOCK_M tile and get no KV split.
     if batch_invariant:
-        _launch_prefill(query, kv_cache, out, metadata, scale, skip_decode=False)
+        _launch_prefill(query, kv_cache, out, metadata, scales, skip_decode=False)
         return out
     mixed = max_query_len > 1 and num_seqs > 1
     if max_query_len > 1:
-        _launch_prefill(query, kv_cache, out, metadata, scale, skip_decode=mixed)
+        _launch_prefill(query, kv_cache, out, metadata, scales, skip_decode=mixed)
     if max_query_len <= 1 or mixed:
         splits = num_splits or _decode_splits(num_seqs, kv_cache.shape[3], query.device)
-        _launch_decode(query, kv_cache, out, metadata, scale, splits)
+        _launch_decode(query, kv_cache, out, metadata, scales, splits)
     return out
 
 
 def _launch_prefill(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
-                    metadata: tuple[torch.Tensor, ...], scale: float, skip_decode: bool) -> None:
+                    metadata: tuple[torch.Tensor, ...], scales: tuple[float, float],
+                    skip_decode: bool) -> None:
     tile = PREFILL_TILES[(query.shape[2], query.dtype)]
     group = query.shape[1] // kv_cache.shape[3]
     group_pad = triton.next_power_of_2(group)
@@ -476,11 +517,12 @@ def _launch_prefill(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tens
     _prefill_kernel[grid](query, kv_cache[0], kv_cache[1], out, *metadata, num_seqs=num_seqs,
                           GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m,
                           SKIP_DECODE=skip_decode, **_launch_args(query, kv_cache, out, metadata,
-                                                                  scale, tile))
+                                                                  scales, tile))
 
 
 def _launch_decode(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
-                   metadata: tuple[torch.Tensor, ...], scale: float, splits: int) -> None:
+                   metadata: tuple[torch.Tensor, ...], scales: tuple[float, float],
+                   splits: int) -> None:
     assert splits == triton.next_power_of_2(splits), splits
     tile = DECODE_TILES[(query.shape[2], query.dtype)]
     num_seqs, (_, num_heads, head_dim) = metadata[1].shape[0], query.shape
@@ -493,7 +535,7 @@ def _launch_decode(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tenso
     _decode_kernel[(num_seqs, kv_cache.shape[3], splits)](
         query, kv_cache[0], kv_cache[1], out, part_out, part_lse, *metadata,
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits,
-        **_launch_args(query, kv_cache, out, metadata, scale, tile))
+        **_launch_args(query, kv_cache, out, metadata, scales, tile))
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, metadata[0], metadata[1], out.stride(0), out.stride(1),
@@ -502,14 +544,16 @@ def _launch_decode(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tenso
 
 
 def _launch_args(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
-                 metadata: tuple[torch.Tensor, ...], scale: float, tile: AttnTile) -> dict:
+                 metadata: tuple[torch.Tensor, ...], scales: tuple[float, float],
+                 tile: AttnTile) -> dict:
     """Arguments shared by the prefill and decode kernels."""
     # CPU tensors only run under TRITON_INTERPRET=1; the interpreter computes garbage on bf16,
     # so upcast right after each load there.
     interpret = query.device.type == "cpu"
     upcast = interpret and query.dtype == torch.bfloat16
     return dict(
-        qk_scale=scale * _LOG2E, stride_qt=query.stride(0), stride_qh=query.stride(1),
+        qk_scale=scales[0] * _LOG2E, v_scale=scales[1], stride_qt=query.stride(0),
+        stride_qh=query.stride(1),
         stride_ot=out.stride(0), stride_oh=out.stride(1), stride_bt=metadata[2].stride(0),
         NUM_KV_HEADS=kv_cache.shape[3], HEAD_DIM=query.shape[2], BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_N=tile.block_n, UPCAST=upcast, INTERPRET=interpret,
@@ -539,7 +583,8 @@ def _check_attention_args(query: torch.Tensor, kv_cache: torch.Tensor,
     _, num_heads, head_dim = query.shape
     assert kv_cache.is_contiguous() and kv_cache.shape[0] == 2 and kv_cache.shape[4] == head_dim
     assert num_heads % kv_cache.shape[3] == 0
-    assert query.dtype == kv_cache.dtype and query.stride(2) == 1
+    assert query.dtype == kv_cache.dtype or kv_cache.dtype in FP8_KV_DTYPES, kv_cache.dtype
+    assert query.stride(2) == 1
     assert query.dtype in (torch.float16, torch.bfloat16, torch.float32), query.dtype
     assert query_start_loc.shape == (num_seqs + 1,) and query_start_loc.dtype == torch.int32
     assert seq_lens.dtype == torch.int32 and seq_lens.is_contiguous()

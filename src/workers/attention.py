@@ -39,6 +39,20 @@ class AttnMetadata:
     max_seq_len: int
 
 
+_KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                    "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache element type for `--kv-cache-dtype` ("auto": the model dtype)."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in _KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be auto, {', '.join(_KV_CACHE_DTYPES)}; "
+                         f"got {kv_cache_dtype!r}")
+    return _KV_CACHE_DTYPES[kv_cache_dtype]
+
+
 _forward_context: AttnMetadata | None = None
 
 
@@ -76,6 +90,10 @@ class Attention(nn.Module):
         self.kv_cache = torch.empty(0)
         # `--batch-invariant`: one kernel (and reduction order) for every row, whatever the batch.
         self.batch_invariant = False
+        # Per-tensor scales of an FP8 cache (stored = real / scale); 1.0 unless the checkpoint
+        # has k_scale / v_scale. Unused for a cache in the model dtype.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]."""
@@ -88,14 +106,15 @@ class Attention(nn.Module):
             # No cache yet: every sequence is a fresh prefill of exactly its new tokens.
             out = varlen_attention_ref(q, k, v, meta.query_start_loc, self.scale)
         elif q.is_cuda:
-            store_kv(k, v, self.kv_cache, meta.slot_mapping)
+            store_kv(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
             out = paged_attention(q, self.kv_cache, meta.query_start_loc, meta.seq_lens,
                                   meta.block_tables, self.scale, meta.max_query_len,
+                                  k_scale=self.k_scale, v_scale=self.v_scale,
                                   batch_invariant=self.batch_invariant)
         else:
             # CPU runs (tests, no GPU): the torch references, no Triton interpreter.
-            store_kv_ref(k, v, self.kv_cache, meta.slot_mapping)
+            store_kv_ref(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
             out = paged_attention_ref(q, self.kv_cache, meta.query_start_loc, meta.seq_lens,
-                                      meta.block_tables, self.scale,
+                                      meta.block_tables, self.scale, self.k_scale, self.v_scale,
                                       batch_invariant=self.batch_invariant)
         return out.view(num_tokens, self.num_heads * self.head_dim)

@@ -70,8 +70,10 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         except ValueError as e:
             raise ValueError(f"cannot load {ckpt_name!r}: {e}") from e
         loaded[name].add(shard)
+    # `optional` parameters (FP8 KV-cache scales) may be absent from a checkpoint.
     missing = [f"{name} {sorted(map(str, expected[name] - got))}" if expected[name] != {None}
-               else name for name, got in loaded.items() if got != expected[name]]
+               else name for name, got in loaded.items() if got != expected[name]
+               and (got or not getattr(params[name], "optional", False))]
     if missing:
         raise KeyError(f"checkpoint {str(model_dir)!r} is missing tensors for: "
                        + ", ".join(missing))

@@ -30,7 +30,7 @@ from sampling.params import SamplingParams
 from sampling.rejection import verify_drafts
 from sampling.sampler import Sampler, SamplingBatch, gather_logprobs
 from sampling.structured import GrammarCompiler, RequestGrammar
-from workers.attention import AttnMetadata, set_forward_context
+from workers.attention import AttnMetadata, kv_cache_torch_dtype, set_forward_context
 from workers.block_table import BlockTable
 from workers.cudagraph import CudaGraphs
 from workers.inputs import InputBuffers
@@ -114,7 +114,9 @@ class ModelRunner:
         self.dtype = dtype
         self.tp = tp
         self.block_size = config.cache.block_size
-        self.model = load_model(config.model.model, dtype, device, config.model.load_format, tp)
+        self.model = load_model(config.model.model, dtype, device, config.model.load_format, tp,
+                                config.model.quantization)
+        self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, dtype)
         if config.model.batch_invariant:  # layers that have a batch-invariant path switch to it
             for module in self.model.modules():
                 if hasattr(module, "batch_invariant"):
@@ -160,13 +162,13 @@ class ModelRunner:
         shape = self.model.kv_cache_shape(1, self.block_size)
         elems = int(np.prod(shape))
         drafter = self.spec.bytes_per_block() if self.spec is not None else 0
-        return (elems * torch.empty((), dtype=self.dtype).element_size() * self.model.num_layers
-                + drafter)
+        return (elems * torch.empty((), dtype=self.kv_dtype).element_size()
+                * self.model.num_layers + drafter)
 
     def init_kv_cache(self, num_blocks: int, capture: bool = True) -> None:
         shape = self.model.kv_cache_shape(num_blocks, self.block_size)
         self.num_blocks = num_blocks
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(self.model.num_layers)]
         self.model.bind_kv_cache(self.kv_caches)
         if self.spec is not None:

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from workers import quant
 from workers.loader import load_weights
 from workers.parallel import SINGLE, TPGroup
+from workers.quant.kv_scales import install_kv_scales
 
 # architecture -> (module, class name); a module is imported only when its model is used.
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -71,26 +73,36 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device | str,
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
                device: torch.device | str = "cpu", load_format: str = "auto",
-               tp: TPGroup = SINGLE) -> nn.Module:
+               tp: TPGroup = SINGLE, quantization: str | None = None) -> nn.Module:
     """Build the checkpoint's model on `device` in `dtype`, load its weights, set eval mode.
 
     With a tensor-parallel group `tp` the model holds (and loads) this rank's shards only.
 
     load_format "dummy" skips the safetensors and fills every parameter with small uniform noise
-    (benchmarks of large shapes need only config.json).
+    (benchmarks of large shapes need only config.json). `quantization` (default: the
+    checkpoint's quant_method) swaps the linear layers for `workers.quant` ones before loading.
     """
     hf_config = read_hf_config(model_dir)
     architecture = (hf_config.get("architectures") or [""])[0]
     cls = model_class(architecture)
     dtype = resolve_dtype(dtype, device, hf_config)
+    quantization = quantization or (hf_config.get("quantization_config") or {}).get(
+        "quant_method")
     with torch.device(device), _default_dtype(dtype):
         model = cls(hf_config, tp=tp)
+        install_kv_scales(model)
+        if quantization:
+            quant.quantize_model(model, quant.get_quant_method(quantization, hf_config),
+                                 hf_config)
     if load_format == "dummy":
         gen = torch.Generator(device=device).manual_seed(0)
         for param in model.parameters():
-            param.data.uniform_(-1e-3, 1e-3, generator=gen)
+            if param.is_floating_point() and param.element_size() > 1:  # not int / fp8
+                param.data.uniform_(-1e-3, 1e-3, generator=gen)
+        quant.init_dummy_weights(model, gen)
     else:
         load_weights(model, model_dir)
+    quant.finalize_quantization(model)
     return model.eval().requires_grad_(False)
 
 
