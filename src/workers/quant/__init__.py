@@ -87,7 +87,8 @@ def quantize_model(model: nn.Module, method: QuantMethod, hf_config: dict) -> in
         reverse.setdefault(ours, []).append(ckpt)
     count = 0
     for name, module in list(model.named_modules()):
-        if type(module) not in (Linear, QKVLinear, MergedLinear):
+        # isinstance: the tensor-parallel subclasses too (only at TP=1: config refuses TP > 1).
+        if not isinstance(module, (Linear, QKVLinear, MergedLinear)):
             continue
         parent_name, _, attr = name.rpartition(".")
         ckpt_names = [f"{parent_name}.{c}" if parent_name else c
