@@ -59,6 +59,39 @@ class ParallelConfig(msgspec.Struct, frozen=True, kw_only=True):
     # MoE: shard whole experts across the tensor-parallel ranks instead of slicing every expert
     # (issue #13); with tensor_parallel_size 1 it changes nothing.
     enable_expert_parallel: bool = False
+    # ---- data parallel (docs/parallelism.md): independent engine cores behind the API servers
+    # engine cores (DP ranks) in the whole deployment, each with its own workers and KV cache
+    data_parallel_size: int = 1
+    # DP ranks run on this node (default: all of them)
+    data_parallel_size_local: int | None = None
+    # first DP rank this node runs (a headless node sets it)
+    data_parallel_start_rank: int = 0
+    # the head node's address: it binds the registration port there; headless nodes connect to it
+    data_parallel_address: str = "127.0.0.1"
+    # the head node's registration (handshake) port for engine cores on other nodes
+    data_parallel_rpc_port: int = 29550
+
+    @property
+    def local_dp_size(self) -> int:
+        """DP ranks on this node."""
+        if self.data_parallel_size_local is None:
+            return self.data_parallel_size - self.data_parallel_start_rank
+        return self.data_parallel_size_local
+
+    def validate_data_parallel(self) -> None:
+        """Raise ValueError naming the data-parallel field that is out of range."""
+        size, start = self.data_parallel_size, self.data_parallel_start_rank
+        if size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {size}")
+        if not 0 <= start < size:
+            raise ValueError(f"data_parallel_start_rank must be in [0, {size}), got {start}")
+        if not 0 <= self.local_dp_size <= size - start:
+            raise ValueError(f"data_parallel_size_local must be in [0, data_parallel_size - "
+                             f"data_parallel_start_rank = {size - start}], got "
+                             f"{self.local_dp_size}")
+        if not 0 < self.data_parallel_rpc_port < 65536:
+            raise ValueError(f"data_parallel_rpc_port must be in [1, 65535], got "
+                             f"{self.data_parallel_rpc_port}")
 
 
 class StructuredOutputsConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -133,12 +166,19 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"max_logprobs must be >= -1, got {self.model.max_logprobs}")
         if self.parallel.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
+        self.parallel.validate_data_parallel()
         backend = self.structured_outputs.backend
         if backend not in ("auto", "guidance"):
             known = "a vLLM backend this engine does not implement" \
                 if backend in _OTHER_BACKENDS else "unknown"
             raise ValueError(f"structured outputs backend {backend!r} is {known}; choose 'auto' "
                              "or 'guidance' (llguidance)")
+
+    def dp_fingerprint(self) -> str:
+        """What every data-parallel rank must agree on (nodes may keep the model elsewhere)."""
+        m = self.model
+        return (f"{m.architecture}/vocab={m.vocab_size}/len={m.max_model_len}/dtype={m.dtype}/"
+                f"block={self.cache.block_size}/dp={self.parallel.data_parallel_size}")
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -198,3 +238,5 @@ class Env:
     CACHE_DIR = os.environ.get("TLS_CACHE_DIR", str(Path.home() / ".cache" / "tinyllm-serve"))
     # Log level for every process.
     LOG_LEVEL = os.environ.get("TLS_LOG_LEVEL", "INFO")
+    # GPUs this node may use (comma-separated); each local DP rank takes its own slice of them.
+    CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")

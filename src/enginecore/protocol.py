@@ -97,6 +97,7 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     block_size: int
     max_model_len: int
     vocab_size: int
+    dp_rank: int = 0  # the data-parallel rank of this engine core
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_defaults=True, gc=False):
@@ -109,6 +110,39 @@ class EngineOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_default
 
 
 CoreOutput = EngineOutputs | CoreReady
+
+# ---------------------------------------------------------------- DP handshake (multi-node)
+# An engine core on a headless node registers with the head node's launcher (ZMQ DEALER to the
+# launcher's ROUTER at --data-parallel-address:--data-parallel-rpc-port):
+#
+#     core -> head   DPHello     (rank, config fingerprint)
+#     head -> core   DPWelcome   (how many API servers will connect, or why it is refused)
+#     core binds its input and one output address per API server (tcp, ephemeral ports)
+#     core -> head   DPRegister  (those addresses)
+#     head -> core   DPWelcome   (ack)
+#
+# The head starts its API servers once every remote rank has registered; they connect to the
+# addresses like to a local core's ipc:// ones.
+
+
+class DPHello(msgspec.Struct, tag="dp_hello", array_like=True):
+    dp_rank: int
+    fingerprint: str  # EngineConfig.dp_fingerprint(): what every DP rank must agree on
+
+
+class DPWelcome(msgspec.Struct, tag="dp_welcome", array_like=True, omit_defaults=True):
+    num_clients: int = 0  # API servers on the head; the core binds one output address each
+    error: str | None = None  # set when the head refuses this rank
+
+
+class DPRegister(msgspec.Struct, tag="dp_register", array_like=True):
+    dp_rank: int
+    input_addr: str  # tcp:// address the core bound for CoreInput
+    output_addrs: list[str]  # tcp:// addresses it bound, one per client index
+    engine_pid: int  # for logs: the pid on the remote node
+
+
+DPHandshake = DPHello | DPWelcome | DPRegister
 
 # ---------------------------------------------------------------- engine core -> workers
 
@@ -194,6 +228,7 @@ core_input_decoder = msgspec.msgpack.Decoder(CoreInput)
 core_output_decoder = msgspec.msgpack.Decoder(CoreOutput)
 worker_input_decoder = msgspec.msgpack.Decoder(WorkerInput)
 worker_output_decoder = msgspec.msgpack.Decoder(WorkerOutput)
+dp_handshake_decoder = msgspec.msgpack.Decoder(DPHandshake)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

@@ -50,6 +50,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     exclude_tools_when_tool_choice_none: bool = False
     # split replies into reasoning and content: deepseek_r1, qwen3, think
     reasoning_parser: str | None = None
+    # multi-node data parallel: run only this node's engine cores (ranks from
+    # --data-parallel-start-rank), registered with the head at --data-parallel-address; no API
+    # server, no HTTP port
+    headless: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming a bad field."""
@@ -75,6 +79,11 @@ _NOT_FLAGS = {"model", "architecture", "vocab_size", "eos_token_ids"}
 _FLAG_NAMES = {
     "policy": ["--scheduling-policy"],
     "tensor_parallel_size": ["--tensor-parallel-size", "-tp"],
+    "data_parallel_size": ["--data-parallel-size", "-dp"],
+    "data_parallel_size_local": ["--data-parallel-size-local", "-dpl"],
+    "data_parallel_address": ["--data-parallel-address", "-dpa"],
+    "data_parallel_rpc_port": ["--data-parallel-rpc-port", "-dpp"],
+    "data_parallel_start_rank": ["--data-parallel-start-rank", "-dpr"],
 }
 _FIELD_LINE = re.compile(r"\s+(\w+):[^#]*(?:#\s*(.*))?$")
 _COMMENT_LINE = re.compile(r"\s+#\s*(.*)$")

@@ -9,9 +9,10 @@ Two kinds of metrics, collected two ways:
                   in one directory (the launcher creates it and sets PROMETHEUS_MULTIPROC_DIR for
                   its children), and a scrape, whichever process answers it, reads all the files.
     engine-wide   KV-cache usage, running and waiting requests, prefix-cache queries and hits
-                  (and their ratio), preemptions. They belong to the one engine core, so summing
+                  (and their ratio), preemptions. They belong to the engine cores, so summing
                   them over API servers would be wrong: the process answering the scrape fetches
-                  fresh `SchedulerStats` from the core and reports them through a collector.
+                  fresh `SchedulerStats` from every core and reports them through a collector,
+                  one sample per data-parallel rank (label `engine="<rank>"`, as vLLM).
 
 `tinyllm:api_servers` (a `livesum` gauge: each live process contributes 1) shows how many API
 servers the files describe. Metric names follow vLLM's, under the `tinyllm:` prefix.
@@ -46,7 +47,7 @@ _E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 class ServerMetrics:
     """The metrics of one API server process; `render()` answers a scrape."""
 
-    def __init__(self, model_name: str, stats: Callable[[], SchedulerStats],
+    def __init__(self, model_name: str, stats: Callable[[], dict[int, SchedulerStats]],
                  multiprocess_dir: str | None = None):
         # In multiprocess mode the values live in files, so the metric objects need no registry;
         # a scrape builds a fresh one over the files (MultiProcessCollector).
@@ -124,36 +125,36 @@ class RequestTracker:
 
 
 class _EngineCollector:
-    """Engine-wide gauges and counters from the latest SchedulerStats, read at scrape time."""
+    """Engine gauges and counters from each DP rank's latest SchedulerStats, read at scrape time."""
 
-    def __init__(self, model_name: str, stats: Callable[[], SchedulerStats]):
+    def __init__(self, model_name: str, stats: Callable[[], dict[int, SchedulerStats]]):
         self.model_name = model_name
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        s = self.stats()
-        hit_rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
+        per_rank = sorted(self.stats().items())
         gauges = (
             ("tinyllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
-             s.kv_cache_usage),
-            ("tinyllm:num_requests_running", "Requests in the running batch.", s.num_running),
-            ("tinyllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+             lambda s: s.kv_cache_usage),
+            ("tinyllm:num_requests_running", "Requests in the running batch.",
+             lambda s: s.num_running),
+            ("tinyllm:num_requests_waiting", "Requests waiting to be scheduled.",
+             lambda s: s.num_waiting),
             ("tinyllm:prefix_cache_hit_rate", "Prompt tokens found cached / looked up, since "
-             "start.", hit_rate),
+             "start.", lambda s: s.prefix_cache_hits / s.prefix_cache_queries
+             if s.prefix_cache_queries else 0.0),
         )
-        for name, doc, value in gauges:
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], value)
-            yield family
         counters = (
             ("tinyllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-             s.prefix_cache_queries),
+             lambda s: s.prefix_cache_queries),
             ("tinyllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-             s.prefix_cache_hits),
+             lambda s: s.prefix_cache_hits),
             ("tinyllm:num_preemptions", "Requests preempted by the scheduler.",
-             s.num_preemptions),
+             lambda s: s.num_preemptions),
         )
-        for name, doc, value in counters:
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], value)
-            yield family
+        for kind, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, doc, value in table:
+                family = kind(name, doc, labels=["model_name", "engine"])
+                for rank, s in per_rank:
+                    family.add_metric([self.model_name, str(rank)], value(s))
+                yield family
