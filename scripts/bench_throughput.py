@@ -8,6 +8,7 @@ tokens of each stream).
     python scripts/bench_throughput.py --preset qwen3-0.6b
     python scripts/bench_throughput.py --preset llama-3.1-8b --mode latency --batch-sizes 1 64
     python scripts/bench_throughput.py --model path/to/checkpoint --hf-baseline 16
+    python scripts/bench_throughput.py --preset qwen3-0.6b --data-parallel-size 2  # 2 GPUs
 
 Presets write a config.json of the real model's shape and use random bf16 weights
 (load_format "dummy"), so nothing is downloaded. `--hf-baseline K` also runs transformers'
@@ -159,6 +160,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                    help="engine cores (model replicas), each on its own GPU(s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
@@ -168,10 +171,12 @@ def main() -> None:
     model = args.model or make_preset(args.preset)
     load_format = "auto" if args.model else "dummy"
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-    results: dict = {"model": args.model or args.preset, "mode": args.mode}
+    results: dict = {"model": args.model or args.preset, "mode": args.mode,
+                     "data_parallel_size": args.data_parallel_size}
     llm = LLM(model, load_format=load_format, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+              data_parallel_size=args.data_parallel_size)
     try:
         if args.mode == "throughput":
             reqs = workload(args.num_prompts, args.min_len, args.max_len, args.seed)
