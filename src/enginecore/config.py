@@ -10,10 +10,12 @@ checkpoint's `config.json` / `generation_config.json`, so no process needs trans
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -103,6 +105,51 @@ class StructuredOutputsConfig(msgspec.Struct, frozen=True, kw_only=True):
     disable_additional_properties: bool = False
 
 
+class KVTransferConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """`--kv-transfer-config`: disaggregated prefill (docs/parallelism.md). A producer instance
+    (prefill) writes the KV of every full prompt block it computes to a store; a consumer
+    (decode) loads the blocks it finds there instead of computing them."""
+
+    kv_connector: str = "SharedMemoryConnector"  # SharedMemoryConnector | NixlConnector
+    kv_role: Literal["kv_producer", "kv_consumer", "kv_both"] = "kv_both"
+    kv_buffer_device: str = "cuda"  # vLLM's field; the shared-memory connector stages via host
+    # SharedMemoryConnector: {"shm_path": dir shared by the instances, default /dev/shm/...}
+    kv_connector_extra_config: dict[str, Any] = {}
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.kv_role in ("kv_consumer", "kv_both")
+
+    def store_dir(self, fingerprint: str) -> str:
+        """The block store of this model: a subdirectory per model fingerprint, so instances
+        of different models sharing `shm_path` never read each other's blocks."""
+        root = self.kv_connector_extra_config.get("shm_path", "/dev/shm/tinyllm-kv")
+        return str(Path(root) / hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
+
+    @staticmethod
+    def block_file(store: str, key: str, rank: int) -> str:
+        """File of one block (all layers) of tensor-parallel rank `rank`; key = block hash."""
+        return str(Path(store) / f"{key}.r{rank}")
+
+    def validate(self, prefix_caching: bool) -> None:
+        """Raise ValueError naming the bad field."""
+        if self.kv_connector == "NixlConnector":
+            missing = importlib.util.find_spec("nixl") is None
+            raise ValueError("kv_connector NixlConnector " + (
+                "needs the `nixl` package, which is not installed" if missing else
+                "is not implemented by this engine yet; use SharedMemoryConnector"))
+        if self.kv_connector != "SharedMemoryConnector":
+            raise ValueError(f"kv_connector {self.kv_connector!r} is unknown; choose "
+                             "SharedMemoryConnector (same host) or NixlConnector")
+        if not prefix_caching:
+            raise ValueError("kv_transfer_config needs enable_prefix_caching: blocks are "
+                             "named by their prefix-cache hash")
+
+
 # vLLM's backends that this engine does not implement: named in the error a user gets.
 _OTHER_BACKENDS = ("xgrammar", "outlines", "lm-format-enforcer")
 
@@ -113,6 +160,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
     structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
+    kv_transfer: KVTransferConfig | None = None  # disaggregated prefill; None: off
 
     @classmethod
     def create(cls, model: str, **kwargs: object) -> EngineConfig:
@@ -121,6 +169,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         `structured_outputs_config` takes a StructuredOutputsConfig, a dict or its JSON text.
         """
         structured = _structured_outputs_config(kwargs.pop("structured_outputs_config", None))
+        kv_transfer = _json_struct("kv_transfer_config", kwargs.pop("kv_transfer_config", None),
+                                   KVTransferConfig)
         groups: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
                                                 "scheduler": {}, "parallel": {}}
         owners = {name: group for group, struct in _GROUPS.items()
@@ -132,7 +182,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                 groups[owners[key]][key] = value
         cfg = cls(model=ModelConfig(**groups["model"]), cache=CacheConfig(**groups["cache"]),
                   scheduler=SchedulerConfig(**groups["scheduler"]),
-                  parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured)
+                  parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured,
+                  kv_transfer=kv_transfer)
         return cfg.resolved()
 
     def resolved(self) -> EngineConfig:
@@ -167,6 +218,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         if self.parallel.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
         self.parallel.validate_data_parallel()
+        if self.kv_transfer is not None:
+            self.kv_transfer.validate(self.cache.enable_prefix_caching)
         backend = self.structured_outputs.backend
         if backend not in ("auto", "guidance"):
             known = "a vLLM backend this engine does not implement" \
@@ -203,6 +256,18 @@ def _structured_outputs_config(value: object) -> StructuredOutputsConfig:
         return msgspec.convert(value, StructuredOutputsConfig)
     except msgspec.DecodeError as e:  # bad JSON, or a wrong field type
         raise ValueError(f"structured_outputs_config: {e}") from None
+
+
+def _json_struct(name: str, value: object, struct: type[msgspec.Struct]):
+    """A struct from itself, a dict or its JSON text (None stays None); ValueError names `name`."""
+    if value is None or isinstance(value, struct):
+        return value
+    try:
+        if isinstance(value, str | bytes):
+            return msgspec.json.decode(value, type=struct)
+        return msgspec.convert(value, struct)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def read_checkpoint_info(model_dir: str) -> dict:

@@ -167,6 +167,20 @@ class CachedReqs(msgspec.Struct, array_like=True, gc=False):
     num_computed_tokens: list[int] = []
 
 
+class KVBlockIO(msgspec.Struct, array_like=True, gc=False):
+    """One KV block moved between this instance's cache and the disaggregated-prefill store."""
+
+    block_id: int
+    key: str  # the block's prefix-cache hash, hex: its name in the store
+
+
+class KVTransferMeta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """What the worker-side KV connector does around one step's forward."""
+
+    loads: list[KVBlockIO] = []  # store -> cache, before the forward
+    saves: list[KVBlockIO] = []  # cache -> store, after the forward
+
+
 class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
     """One scheduler step. Workers compute `num_scheduled_tokens[req_id]` tokens per request
     starting at its num_computed_tokens, and sample one token for every request whose scheduled
@@ -178,6 +192,7 @@ class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
     num_scheduled_tokens: dict[str, int]
     # Requests to forget before this step runs: finished, aborted or preempted.
     finished: list[str] = []
+    kv_transfer: KVTransferMeta | None = None  # disaggregated prefill (kv_transfer_config)
 
 
 class InitKVCache(msgspec.Struct, tag="init_kv", array_like=True):

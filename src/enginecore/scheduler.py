@@ -50,6 +50,7 @@ import logging
 
 from enginecore.config import EngineConfig
 from enginecore.kv_cache import KVCacheManager
+from enginecore.kv_transfer import make_kv_connector
 from enginecore.protocol import (
     AddRequest,
     CachedReqs,
@@ -111,6 +112,7 @@ class Scheduler:
         self._in_flight: dict[int, _Scheduled] = {}  # step_id -> who it computes, oldest first
         self._step_id = 0
         self._num_preemptions = 0
+        self.connector = make_kv_connector(config)  # disaggregated prefill, or None
 
     # ------------------------------------------------------------ requests in and out
 
@@ -258,19 +260,51 @@ class Scheduler:
                 # and re-add it, and it recomputes what it just dropped.
                 break
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
-            num_new = request.num_tokens - num_hit
+            num_ext = self._num_external_tokens(request, len(hit_blocks))
+            num_new = request.num_tokens - num_hit - num_ext
             if num_new > plan.budget:
                 if not self.sched_config.enable_chunked_prefill:
                     break  # wait for a step where it fits whole; keep FCFS order
                 num_new = plan.budget
-            block_ids = self.kv.allocate_slots(request, num_new, computed_blocks=hit_blocks)
+            # External blocks are allocated like new ones but loaded instead of computed.
+            block_ids = self.kv.allocate_slots(request, num_ext + num_new,
+                                               computed_blocks=hit_blocks)
             if block_ids is None:
                 break
+            if num_ext:
+                self._load_external(request, len(hit_blocks), block_ids, num_ext)
             self.waiting.pop(0)
-            request.start_running(num_hit)
+            request.start_running(num_hit + num_ext)
             self.running.append(request)
             plan.add(request.request_id, num_new, block_ids)
             plan.admitted.add(request.request_id)
+
+    def _num_external_tokens(self, request: Request, num_hit_blocks: int) -> int:
+        """Tokens of full blocks after the local hits that the KV connector can load."""
+        if self.connector is None or not self.kv.may_look_up(request):
+            return 0
+        # get_computed_blocks hashed every block a hit may cover (never the last token's).
+        max_blocks = (request.num_tokens - 1) // self.kv.block_size
+        keys = [h.hex() for h in request.block_hashes[num_hit_blocks:max_blocks]]
+        return self.connector.num_external_blocks(keys) * self.kv.block_size
+
+    def _load_external(self, request: Request, num_hit_blocks: int, new_block_ids: list[int],
+                       num_ext: int) -> None:
+        n = num_ext // self.kv.block_size
+        keys = request.block_hashes[num_hit_blocks:num_hit_blocks + n]
+        self.connector.add_loads(new_block_ids[:n], [h.hex() for h in keys])
+
+    def _save_computed(self, request: Request, num_new: int) -> None:
+        """Producer: save the full prompt blocks this step's forward completes."""
+        size = self.kv.block_size
+        first = request.num_computed_tokens // size
+        end = min(request.num_computed_tokens + num_new,
+                  len(request.prompt_token_ids)) // size
+        if end <= first or not self.kv.may_look_up(request):
+            return
+        hashes = self.kv.block_hashes(request, end)
+        block_ids = self.kv.block_ids(request.request_id)
+        self.connector.add_saves(block_ids[first:end], [h.hex() for h in hashes[first:end]])
 
     def _build_step(self, plan: _StepPlan) -> ExecuteStep:
         new: list[NewReq] = []
@@ -293,12 +327,15 @@ class Scheduler:
                 cached.new_block_ids.append(plan.new_block_ids[req_id])
                 cached.num_computed_tokens.append(request.num_computed_tokens)
             scheduled[req_id] = (request, request.num_computed_tokens)
+            if self.connector is not None:
+                self._save_computed(request, num_scheduled[req_id])
             request.num_computed_tokens += num_scheduled[req_id]
             if request.num_computed_tokens == request.num_tokens_with_placeholders:
                 request.num_output_placeholders += 1  # the workers sample one token here
         self._step_id += 1
         self._in_flight[self._step_id] = scheduled
-        step = ExecuteStep(self._step_id, new, cached, num_scheduled, finished=self._finished_ids)
+        step = ExecuteStep(self._step_id, new, cached, num_scheduled, finished=self._finished_ids,
+                           kv_transfer=self.connector.take_meta() if self.connector else None)
         self._finished_ids = []
         return step
 

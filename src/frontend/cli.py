@@ -158,6 +158,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
         "--structured-outputs-config", default=None, metavar="JSON",
         help='structured outputs settings as JSON: {"backend": "auto" | "guidance", '
              '"disable_any_whitespace": bool, "disable_additional_properties": bool}')
+    parser.add_argument(
+        "--kv-transfer-config", default=None, metavar="JSON",
+        help='disaggregated prefill, as JSON: {"kv_connector": "SharedMemoryConnector", '
+             '"kv_role": "kv_producer" | "kv_consumer" | "kv_both", '
+             '"kv_connector_extra_config": {"shm_path": DIR}} (docs/parallelism.md)')
     server_group = parser.add_argument_group("ServerConfig")
     server_dests = _add_struct_flags(server_group, ServerConfig, engine=False)
     return parser, engine_dests, server_dests
@@ -170,6 +175,8 @@ def parse_serve_args(argv: list[str]) -> tuple[str | None, dict[str, Any], Serve
     engine_kwargs = {d: getattr(args, d) for d in engine_dests if getattr(args, d) is not None}
     if args.structured_outputs_config is not None:
         engine_kwargs["structured_outputs_config"] = args.structured_outputs_config
+    if args.kv_transfer_config is not None:
+        engine_kwargs["kv_transfer_config"] = args.kv_transfer_config
     try:
         server = ServerConfig(**{d: v for d in server_dests if (v := getattr(args, d)) is not None})
         server.validate()

@@ -121,16 +121,16 @@ class AsyncEngine:
         deadline = time.monotonic() + _READY_TIMEOUT_S
         poller = self._poller()
         while any(link.ready is None for link in self.links):
-            for link in self.links:
-                if (why := link.dead_reason()) is not None:
-                    raise EngineDeadError(f"{why} during startup")
             if time.monotonic() > deadline:
                 raise TimeoutError("engine core did not become ready")
-            for link in await self._ready_links(poller):
+            ready = await self._ready_links(poller)
+            for link in ready:
                 msg = core_output_decoder.decode(await link.output.recv())
                 link.heard(msg)
                 if isinstance(msg, EngineOutputs) and msg.engine_error:
                     raise EngineDeadError(msg.engine_error)
+            if (why := self._dead_reason()) is not None:
+                raise EngineDeadError(f"{why} during startup")
         self.ready = self.links[0].ready
         self.processor.max_model_len = min(link.ready.max_model_len for link in self.links)
         self._output_task = asyncio.create_task(self._output_loop())
@@ -146,6 +146,15 @@ class AsyncEngine:
         events = dict(await poller.poll(_POLL_MS))
         return [link for link in self.links if link.output in events]
 
+    def _dead_reason(self) -> str | None:
+        """Why some core counts as dead, or None. Called right after reading what the poll
+        found, so a core is never judged silent while its messages wait unread (a live core's
+        heartbeats queue up even while this process is busy elsewhere)."""
+        for link in self.links:
+            if (why := link.dead_reason()) is not None:
+                return why
+        return None
+
     # ------------------------------------------------------------ output side
 
     async def _output_loop(self) -> None:
@@ -153,7 +162,8 @@ class AsyncEngine:
         last_check = time.monotonic()
         try:
             while True:
-                for link in await self._ready_links(poller):
+                ready = await self._ready_links(poller)
+                for link in ready:
                     msg = core_output_decoder.decode(await link.output.recv())
                     link.heard(msg)
                     if isinstance(msg, EngineOutputs):
@@ -162,10 +172,9 @@ class AsyncEngine:
                             return
                 if time.monotonic() - last_check > _POLL_MS / 1000:
                     last_check = time.monotonic()
-                    for link in self.links:
-                        if (why := link.dead_reason()) is not None:
-                            self._fail_all(why)
-                            return
+                    if (why := self._dead_reason()) is not None:
+                        self._fail_all(why)
+                        return
         except asyncio.CancelledError:
             pass
 
