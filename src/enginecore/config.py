@@ -233,6 +233,13 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         return (f"{m.architecture}/vocab={m.vocab_size}/len={m.max_model_len}/dtype={m.dtype}/"
                 f"block={self.cache.block_size}/dp={self.parallel.data_parallel_size}")
 
+    def kv_store_fingerprint(self) -> str:
+        """What decides a KV block's bytes besides its tokens: instances sharing a KV store
+        (disaggregated prefill) must agree on it."""
+        m = self.model
+        return (f"{Path(m.model).resolve()}/{m.architecture}/dtype={m.dtype}/"
+                f"block={self.cache.block_size}/tp={self.parallel.tensor_parallel_size}")
+
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
 

@@ -55,7 +55,7 @@ class SharedMemoryConnector:
 
     def __init__(self, config: EngineConfig, kv: KVTransferConfig):
         self.kv = kv
-        self.store = kv.store_dir(config.dp_fingerprint())
+        self.store = kv.store_dir(config.kv_store_fingerprint())
         self.world_size = config.parallel.tensor_parallel_size
         self.is_producer, self.is_consumer = kv.is_producer, kv.is_consumer
         self.saving: set[str] = set()  # keys this instance has asked to save (once each)

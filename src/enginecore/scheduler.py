@@ -36,6 +36,11 @@ request (fcfs) or the lowest-priority one (largest priority value, latest arriva
 blocks, drops to 0 computed tokens and goes back to the front of waiting. Workers are told to
 forget it (`finished`) and later see it again as `new`, with the tokens it had generated.
 
+Disaggregated prefill (`kv_transfer_config`, see enginecore/kv_transfer.py): a consumer admits a
+request with the blocks the KV connector can load counted as computed (after local prefix hits);
+a producer lists the full prompt blocks each step completes for saving. The connector's
+`take_meta()` rides in the step as `kv_transfer`.
+
 Requests that can never run (empty prompt, prompt >= max_model_len, duplicate id) are refused by
 `add_request`, which returns their finish_reason="error" delta at once; they never enter a queue.
 

@@ -28,7 +28,7 @@ class SharedMemoryKVWorker:
 
     def __init__(self, config: EngineConfig, rank: int):
         assert config.kv_transfer is not None
-        self.store = config.kv_transfer.store_dir(config.dp_fingerprint())
+        self.store = config.kv_transfer.store_dir(config.kv_store_fingerprint())
         self.rank = rank
 
     def _path(self, key: str) -> str:
