@@ -64,7 +64,9 @@ def reference(server_factory, tiny_model_dir) -> list[str]:
 
 
 def test_dp2_on_one_node_balances_and_matches_dp1(server_factory, tiny_model_dir, reference):
-    server = server_factory([tiny_model_dir, *TINY_ENGINE_FLAGS, "--data-parallel-size", "2"])
+    # Two API servers too: each is a client of both cores.
+    server = server_factory([tiny_model_dir, *TINY_ENGINE_FLAGS, "--data-parallel-size", "2",
+                             "--api-server-count", "2"])
     assert complete_all(server.url, PROMPTS) == reference
     queries = per_rank(server.url, "tinyllm:prefix_cache_queries_total")
     assert queries["0"] > 0 and queries["1"] > 0, queries  # both ranks took requests
