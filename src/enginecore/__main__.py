@@ -50,7 +50,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     config = EngineConfig.from_json(args.config)
-    input_addr, output_addrs, on_bound, link = args.input_addr, args.output_addrs, None, None
+    input_addr, output_addrs, on_bound = args.input_addr, args.output_addrs, None
     if args.head is not None:
         parent = os.getppid()
         link = HeadLink(args.head, args.dp_rank, config.dp_fingerprint())
@@ -66,7 +66,8 @@ def main() -> None:
             link.register(inp, outs, os.getpid(), Env.PEER_TIMEOUT_S * 6)
             link.close()
 
-    proc = EngineCoreProc(config, input_addr, output_addrs, args.dp_rank, on_bound)
+    proc = EngineCoreProc(config, input_addr, output_addrs, args.dp_rank, on_bound,
+                          watch_clients=args.head is not None)
     proc_holder.append(proc)
     proc.run()
 

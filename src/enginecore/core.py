@@ -115,7 +115,8 @@ class EngineCoreProc:
 
     def __init__(self, config: EngineConfig, input_addr: str, output_addrs: list[str],
                  dp_rank: int = 0,
-                 on_bound: Callable[[str, list[str]], None] | None = None):
+                 on_bound: Callable[[str, list[str]], None] | None = None,
+                 watch_clients: bool = False):
         self.ctx = zmq.Context()
         self.input_queue: queue.Queue = queue.Queue()
         self.output_queue: queue.Queue = queue.Queue()
@@ -125,6 +126,10 @@ class EngineCoreProc:
         self.num_clients = len(output_addrs)
         # The busy loop's latest stats; the output thread sends them with each heartbeat.
         self.latest_stats: SchedulerStats | None = None
+        # A core on a headless node cannot watch the head's processes: once clients have
+        # spoken, it exits after Env.PEER_TIMEOUT_S without any input (they ping every second).
+        self.watch_clients = watch_clients
+        self.last_input: float | None = None
         # Bound here, before the model loads, so clients (and a remote head) can connect early;
         # `tcp://host:*` addresses resolve to the port the OS picked.
         in_sock = self.ctx.socket(zmq.PULL)
@@ -161,6 +166,7 @@ class EngineCoreProc:
     def _input_thread(self, sock: zmq.Socket) -> None:
         while True:
             raw = sock.recv(copy=False)
+            self.last_input = time.monotonic()
             try:
                 self.input_queue.put(core_input_decoder.decode(raw.buffer))
             except Exception as exc:  # a malformed message must not take the engine down
@@ -227,6 +233,10 @@ class EngineCoreProc:
                     if os.getppid() != self.parent_pid:
                         logger.error("parent process died; shutting down")
                         break
+                    if self._clients_gone():
+                        logger.error("no word from the head node's API servers for %gs; "
+                                     "shutting down", Env.PEER_TIMEOUT_S)
+                        break
                     self.executor.check_alive()
         except EngineDeadError as exc:
             logger.error("engine dead: %s", exc)
@@ -235,6 +245,10 @@ class EngineCoreProc:
             self._shutdown()
             raise SystemExit(1) from None
         self._shutdown()
+
+    def _clients_gone(self) -> bool:
+        return self.watch_clients and self.last_input is not None and \
+            time.monotonic() - self.last_input > Env.PEER_TIMEOUT_S
 
     def _process_inputs(self, block: bool) -> None:
         try:

@@ -47,6 +47,7 @@ from sampling.params import SamplingParams
 
 _READY_TIMEOUT_S = 900.0
 _POLL_MS = 500
+_PING_S = 1.0  # how often a client pings each remote engine core
 
 
 class EngineDeadError(RuntimeError):
@@ -146,6 +147,15 @@ class AsyncEngine:
         events = dict(await poller.poll(_POLL_MS))
         return [link for link in self.links if link.output in events]
 
+    def _ping_remote(self) -> None:
+        """Let remote cores know this client is alive (they exit when the head goes silent);
+        the answers bring fresh stats for load balancing."""
+        now = time.monotonic()
+        for link in self.links:
+            if not link.endpoint.local and now - link.last_pinged > _PING_S:
+                link.last_pinged = now
+                link.send(Control(call_id=-1, op="ping", client_index=self.client_index))
+
     def _dead_reason(self) -> str | None:
         """Why some core counts as dead, or None. Called right after reading what the poll
         found, so a core is never judged silent while its messages wait unread (a live core's
@@ -175,6 +185,7 @@ class AsyncEngine:
                     if (why := self._dead_reason()) is not None:
                         self._fail_all(why)
                         return
+                    self._ping_remote()
         except asyncio.CancelledError:
             pass
 

@@ -50,6 +50,7 @@ class EngineLink:
         self.stats = SchedulerStats()
         self.sent_since_stats = 0  # requests added here that the latest stats may not count
         self.last_heard: float | None = None  # monotonic time of the last message
+        self.last_pinged = 0.0  # monotonic time of the last ping sent (remote cores)
 
     def send(self, msg: msgspec.Struct) -> None:
         self.input.send(encode(msg), copy=False)

@@ -18,7 +18,16 @@ import time
 from http import client as httpclient
 
 import pytest
-from e2e_server import TINY_ENGINE_FLAGS, alive, child_env, descendants, free_port, http, metric
+from e2e_server import (
+    TINY_ENGINE_FLAGS,
+    ServerProcess,
+    alive,
+    child_env,
+    descendants,
+    free_port,
+    http,
+    metric,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -95,7 +104,7 @@ class HeadlessNode:
 
     def kill(self) -> list[int]:
         """SIGKILL the node's every process at once (the node is lost); return their pids."""
-        pids = [self.proc.pid, *descendants(self.proc.pid)]
+        pids = [self.proc.pid, *descendants(self.proc.pid)] if self.proc.poll() is None else []
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -180,3 +189,29 @@ def test_losing_the_headless_node_is_reported_not_hung(two_nodes):
     status, _ = http("POST", head.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})
     assert status == 503
     assert not any(alive(p) for p in pids)
+
+
+def test_losing_the_head_stops_the_headless_node(tiny_model_dir, tmp_path):
+    """The other direction: a headless node whose head is gone shuts itself down."""
+    port = free_port()
+    dp = ["--data-parallel-size", "2", "--data-parallel-size-local", "1",
+          "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(port)]
+    env = child_env(TLS_PEER_TIMEOUT_S=PEER_TIMEOUT_S)
+    node = HeadlessNode([tiny_model_dir, *TINY_ENGINE_FLAGS, *dp, "--headless",
+                         "--data-parallel-start-rank", "1"], tmp_path / "headless.log", env)
+    head = ServerProcess([tiny_model_dir, *TINY_ENGINE_FLAGS, *dp], tmp_path, env)
+    try:
+        head.wait_healthy()
+        node_pids = [node.proc.pid, *descendants(node.proc.pid)]
+        for pid in [head.proc.pid, *head.descendants()]:
+            os.kill(pid, signal.SIGKILL)
+        head.proc.wait()
+        assert node.proc.wait(timeout=float(PEER_TIMEOUT_S) + 20) == 1
+        deadline = time.monotonic() + 20
+        while any(alive(p) for p in node_pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in node_pids)
+        assert "no word from the head" in (tmp_path / "headless.log").read_text()
+    finally:
+        head.stop()
+        node.kill()  # (only closes its log if it is gone already)
