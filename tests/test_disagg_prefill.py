@@ -13,7 +13,9 @@ from frontend import LLM
 from sampling.params import SamplingParams
 
 BLOCK = 16
-ENGINE = {"num_gpu_blocks_override": 64, "max_model_len": 512, "block_size": BLOCK}
+# fp32 on GPU too: the comparison must not hinge on bf16 rounding between kernel paths.
+ENGINE = {"num_gpu_blocks_override": 64, "max_model_len": 512, "block_size": BLOCK,
+          "dtype": "float32"}
 PROMPTS = [[(7 * i + 3 * j) % 500 + 10 for j in range(40 + 13 * i)] for i in range(4)]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
