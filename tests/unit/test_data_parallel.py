@@ -154,3 +154,18 @@ def test_sum_stats_weights_kv_usage_by_blocks():
                                       prefix_cache_hits=3)])
     assert (total.num_running, total.prefix_cache_hits, total.num_total_blocks) == (3, 5, 400)
     assert total.kv_cache_usage == pytest.approx(50 / 400)
+
+
+def test_handshake_messages_round_trip():
+    from enginecore.protocol import (
+        DPHello,
+        DPRegister,
+        DPWelcome,
+        dp_handshake_decoder,
+        encode,
+    )
+
+    for msg in (DPHello(dp_rank=3, fingerprint="f"), DPWelcome(num_clients=2),
+                DPWelcome(error="no"), DPRegister(dp_rank=1, input_addr="tcp://h:1",
+                                                  output_addrs=["tcp://h:2"], engine_pid=7)):
+        assert dp_handshake_decoder.decode(encode(msg)) == msg

@@ -93,3 +93,19 @@ def test_prompt_logprobs_requests_are_computed_not_loaded(tmp_path):
     add(consumer, "a", prompt_logprobs=1)  # needs logits at every prompt position
     step = consumer.schedule()
     assert step.kv_transfer is None and step.num_scheduled_tokens == {"a": len(PROMPT)}
+
+
+def test_step_with_kv_transfer_round_trips():
+    from enginecore.protocol import (
+        CachedReqs,
+        KVBlockIO,
+        KVTransferMeta,
+        encode,
+        worker_input_decoder,
+    )
+
+    step = ExecuteStep(1, [], CachedReqs(), {}, kv_transfer=KVTransferMeta(
+        loads=[KVBlockIO(3, "ab")], saves=[KVBlockIO(4, "cd")]))
+    assert worker_input_decoder.decode(encode(step)) == step
+    plain = ExecuteStep(2, [], CachedReqs(), {})
+    assert worker_input_decoder.decode(encode(plain)).kv_transfer is None
