@@ -1,4 +1,4 @@
-"""Data parallel without a model: the multi-node handshake (head registry <-> remote core link),
+"""Data parallel without a model (the e2e side is tests/e2e/test_data_parallel.py): the multi-node handshake (head registry <-> remote core link),
 the DP flags and their validation, GPU slices per rank, and the client's load score."""
 
 from __future__ import annotations
