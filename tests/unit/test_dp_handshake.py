@@ -1,5 +1,6 @@
-"""Data parallel without a model (the e2e side is tests/e2e/test_data_parallel.py): the multi-node handshake (head registry <-> remote core link),
-the DP flags and their validation, GPU slices per rank, and the client's load score."""
+"""Data parallel without a model: the multi-node handshake (head registry <-> remote core link),
+the DP flags and their validation, GPU slices per rank, and the client's load score. (The e2e
+side is tests/e2e/test_data_parallel.py.)"""
 
 from __future__ import annotations
 
