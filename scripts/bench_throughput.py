@@ -9,6 +9,7 @@ tokens of each stream).
     python scripts/bench_throughput.py --preset llama-3.1-8b --mode latency --batch-sizes 1 64
     python scripts/bench_throughput.py --model path/to/checkpoint --hf-baseline 16
     python scripts/bench_throughput.py --preset llama-3.1-8b --tensor-parallel-size 2
+    python scripts/bench_throughput.py --preset qwen3-0.6b --data-parallel-size 2  # 2 GPUs
 
 Presets write a config.json of the real model's shape and use random bf16 weights
 (load_format "dummy"), so nothing is downloaded. `--hf-baseline K` also runs transformers'
@@ -170,6 +171,8 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--enable-expert-parallel", action="store_true")
+    ap.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                    help="engine cores (model replicas), each on its own GPU(s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--structured-fraction", type=float, default=0.0,
                     help="throughput mode: fraction of requests with a regex constraint")
@@ -183,12 +186,14 @@ def main() -> None:
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     results: dict = {"model": args.model or args.preset, "mode": args.mode,
                      "tensor_parallel_size": args.tensor_parallel_size,
-                     "enable_expert_parallel": args.enable_expert_parallel}
+                     "enable_expert_parallel": args.enable_expert_parallel,
+                     "data_parallel_size": args.data_parallel_size}
     llm = LLM(model, load_format=load_format, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
               tensor_parallel_size=args.tensor_parallel_size,
-              enable_expert_parallel=args.enable_expert_parallel)
+              enable_expert_parallel=args.enable_expert_parallel,
+              data_parallel_size=args.data_parallel_size)
     try:
         if args.mode == "throughput":
             reqs = workload(args.num_prompts, args.min_len, args.max_len, args.seed)

@@ -10,12 +10,14 @@ checkpoint's `config.json` / `generation_config.json`, so no process needs trans
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import math
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -82,6 +84,39 @@ class ParallelConfig(msgspec.Struct, frozen=True, kw_only=True):
     # MoE: shard whole experts across the tensor-parallel ranks instead of slicing every expert
     # (issue #13); with tensor_parallel_size 1 it changes nothing.
     enable_expert_parallel: bool = False
+    # ---- data parallel (docs/parallelism.md): independent engine cores behind the API servers
+    # engine cores (DP ranks) in the whole deployment, each with its own workers and KV cache
+    data_parallel_size: int = 1
+    # DP ranks run on this node (default: all of them)
+    data_parallel_size_local: int | None = None
+    # first DP rank this node runs (a headless node sets it)
+    data_parallel_start_rank: int = 0
+    # the head node's address: it binds the registration port there; headless nodes connect to it
+    data_parallel_address: str = "127.0.0.1"
+    # the head node's registration (handshake) port for engine cores on other nodes
+    data_parallel_rpc_port: int = 29550
+
+    @property
+    def local_dp_size(self) -> int:
+        """DP ranks on this node."""
+        if self.data_parallel_size_local is None:
+            return self.data_parallel_size - self.data_parallel_start_rank
+        return self.data_parallel_size_local
+
+    def validate_data_parallel(self) -> None:
+        """Raise ValueError naming the data-parallel field that is out of range."""
+        size, start = self.data_parallel_size, self.data_parallel_start_rank
+        if size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {size}")
+        if not 0 <= start < size:
+            raise ValueError(f"data_parallel_start_rank must be in [0, {size}), got {start}")
+        if not 0 <= self.local_dp_size <= size - start:
+            raise ValueError(f"data_parallel_size_local must be in [0, data_parallel_size - "
+                             f"data_parallel_start_rank = {size - start}], got "
+                             f"{self.local_dp_size}")
+        if not 0 < self.data_parallel_rpc_port < 65536:
+            raise ValueError(f"data_parallel_rpc_port must be in [1, 65535], got "
+                             f"{self.data_parallel_rpc_port}")
 
 
 class StructuredOutputsConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -164,6 +199,51 @@ _SPEC_MISSING = {
 }
 
 
+class KVTransferConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """`--kv-transfer-config`: disaggregated prefill (docs/parallelism.md). A producer instance
+    (prefill) writes the KV of every full prompt block it computes to a store; a consumer
+    (decode) loads the blocks it finds there instead of computing them."""
+
+    kv_connector: str = "SharedMemoryConnector"  # SharedMemoryConnector | NixlConnector
+    kv_role: Literal["kv_producer", "kv_consumer", "kv_both"] = "kv_both"
+    kv_buffer_device: str = "cuda"  # vLLM's field; the shared-memory connector stages via host
+    # SharedMemoryConnector: {"shm_path": dir shared by the instances, default /dev/shm/...}
+    kv_connector_extra_config: dict[str, Any] = {}
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.kv_role in ("kv_consumer", "kv_both")
+
+    def store_dir(self, fingerprint: str) -> str:
+        """The block store of this model: a subdirectory per model fingerprint, so instances
+        of different models sharing `shm_path` never read each other's blocks."""
+        root = self.kv_connector_extra_config.get("shm_path", "/dev/shm/tinyllm-kv")
+        return str(Path(root) / hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
+
+    @staticmethod
+    def block_file(store: str, key: str, rank: int) -> str:
+        """File of one block (all layers) of tensor-parallel rank `rank`; key = block hash."""
+        return str(Path(store) / f"{key}.r{rank}")
+
+    def validate(self, prefix_caching: bool) -> None:
+        """Raise ValueError naming the bad field."""
+        if self.kv_connector == "NixlConnector":
+            missing = importlib.util.find_spec("nixl") is None
+            raise ValueError("kv_connector NixlConnector " + (
+                "needs the `nixl` package, which is not installed" if missing else
+                "is not implemented by this engine yet; use SharedMemoryConnector"))
+        if self.kv_connector != "SharedMemoryConnector":
+            raise ValueError(f"kv_connector {self.kv_connector!r} is unknown; choose "
+                             "SharedMemoryConnector (same host) or NixlConnector")
+        if not prefix_caching:
+            raise ValueError("kv_transfer_config needs enable_prefix_caching: blocks are "
+                             "named by their prefix-cache hash")
+
+
 # vLLM's backends that this engine does not implement: named in the error a user gets.
 _OTHER_BACKENDS = ("xgrammar", "outlines", "lm-format-enforcer")
 
@@ -177,6 +257,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     multimodal: MultiModalConfig = MultiModalConfig()
     lora: LoRAConfig = LoRAConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()
+    kv_transfer: KVTransferConfig | None = None  # disaggregated prefill; None: off
 
     @classmethod
     def create(cls, model: str, **kwargs: object) -> EngineConfig:
@@ -191,6 +272,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             # The core cannot schedule step N+1 before it knows how many of step N's drafts
             # survived: speculation runs one step at a time (as in vLLM).
             kwargs["async_scheduling"] = False
+        kv_transfer = _json_struct("kv_transfer_config", kwargs.pop("kv_transfer_config", None),
+                                   KVTransferConfig)
         groups: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
                                                 "scheduler": {}, "parallel": {},
                                                 "multimodal": {}, "lora": {}}
@@ -211,7 +294,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                   scheduler=SchedulerConfig(**groups["scheduler"]),
                   parallel=ParallelConfig(**groups["parallel"]), structured_outputs=structured,
                   multimodal=_convert(MultiModalConfig, groups["multimodal"]),
-                  lora=LoRAConfig(**groups["lora"]), speculative=speculative)
+                  lora=LoRAConfig(**groups["lora"]), speculative=speculative,
+                  kv_transfer=kv_transfer)
         return cfg.resolved()
 
     def resolved(self) -> EngineConfig:
@@ -265,6 +349,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                              f"{self.model.architecture!r}")
         if self.lora.enable_lora and self.parallel.tensor_parallel_size != 1:
             raise ValueError("enable_lora: LoRA with tensor_parallel_size > 1 is not supported")
+        self.parallel.validate_data_parallel()
+        if self.kv_transfer is not None:
+            self.kv_transfer.validate(self.cache.enable_prefix_caching)
         backend = self.structured_outputs.backend
         if backend not in ("auto", "guidance"):
             known = "a vLLM backend this engine does not implement" \
@@ -309,6 +396,19 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         if self.lora.enable_lora:
             raise ValueError("speculative_config: speculative decoding with enable_lora is not "
                              "supported yet")
+
+    def dp_fingerprint(self) -> str:
+        """What every data-parallel rank must agree on (nodes may keep the model elsewhere)."""
+        m = self.model
+        return (f"{m.architecture}/vocab={m.vocab_size}/len={m.max_model_len}/dtype={m.dtype}/"
+                f"block={self.cache.block_size}/dp={self.parallel.data_parallel_size}")
+
+    def kv_store_fingerprint(self) -> str:
+        """What decides a KV block's bytes besides its tokens: instances sharing a KV store
+        (disaggregated prefill) must agree on it."""
+        m = self.model
+        return (f"{Path(m.model).resolve()}/{m.architecture}/dtype={m.dtype}/"
+                f"block={self.cache.block_size}/tp={self.parallel.tensor_parallel_size}")
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -394,6 +494,18 @@ def _quantization(requested: str | None, in_checkpoint: str | None) -> str | Non
     return in_checkpoint
 
 
+def _json_struct(name: str, value: object, struct: type[msgspec.Struct]):
+    """A struct from itself, a dict or its JSON text (None stays None); ValueError names `name`."""
+    if value is None or isinstance(value, struct):
+        return value
+    try:
+        if isinstance(value, str | bytes):
+            return msgspec.json.decode(value, type=struct)
+        return msgspec.convert(value, struct)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
 def read_checkpoint_info(model_dir: str) -> dict:
     """Architecture, vocab size, context length and EOS ids from an HF checkpoint directory."""
     path = Path(model_dir)
@@ -439,6 +551,9 @@ class Env:
     LORA_RESOLVER_CACHE_DIR = os.environ.get("TLS_LORA_RESOLVER_CACHE_DIR") or None
     # vLLM's VLLM_BATCH_INVARIANT: turn on ModelConfig.batch_invariant.
     BATCH_INVARIANT = os.environ.get("TLS_BATCH_INVARIANT", "0") not in ("", "0", "false")
+
+    # GPUs this node may use (comma-separated); each local DP rank takes its own slice of them.
+    CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 # ---------------------------------------------------------------- LoRA adapters (torch-free)

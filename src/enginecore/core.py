@@ -28,10 +28,11 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import zmq
 
-from enginecore.config import EngineConfig
+from enginecore.config import EngineConfig, Env
 from enginecore.executor import EngineDeadError, Executor
 from enginecore.protocol import (
     SLEEP_TAGS,
@@ -42,6 +43,7 @@ from enginecore.protocol import (
     CoreReady,
     EngineOutputs,
     ExecuteStep,
+    SchedulerStats,
     TokenDelta,
     core_input_decoder,
     encode,
@@ -51,6 +53,15 @@ from enginecore.scheduler import Scheduler
 logger = logging.getLogger("enginecore")
 
 _IDLE_POLL_S = 0.5  # how often an idle loop checks its parent and workers
+# How often a client hears from the core at least; clients declare a core dead after
+# Env.PEER_TIMEOUT_S of silence.
+_HEARTBEAT_S = min(1.0, Env.PEER_TIMEOUT_S / 5)
+_RETRY_S = 0.005  # resend interval while a client's backlog waits (not connected yet, full)
+
+
+def _endpoint(sock: zmq.Socket) -> str:
+    """The address a socket is bound to, with the OS-chosen port of a `tcp://host:*` bind."""
+    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
 
 class EngineCore:
@@ -144,7 +155,10 @@ class EngineCore:
 class EngineCoreProc:
     """The engine-core process: sockets, I/O threads and the busy loop around `EngineCore`."""
 
-    def __init__(self, config: EngineConfig, input_addr: str, output_addrs: list[str]):
+    def __init__(self, config: EngineConfig, input_addr: str, output_addrs: list[str],
+                 dp_rank: int = 0,
+                 on_bound: Callable[[str, list[str]], None] | None = None,
+                 watch_clients: bool = False):
         self.ctx = zmq.Context()
         self.input_queue: queue.Queue = queue.Queue()
         self.output_queue: queue.Queue = queue.Queue()
@@ -152,49 +166,100 @@ class EngineCoreProc:
         self.stopping = False
         self.client_of: dict[str, int] = {}  # request_id -> client_index
         self.num_clients = len(output_addrs)
-        threading.Thread(target=self._input_thread, args=(input_addr,), daemon=True).start()
-        self.output_thread = threading.Thread(target=self._output_thread, args=(output_addrs,),
+        # The busy loop's latest stats; the output thread sends them with each heartbeat.
+        self.latest_stats: SchedulerStats | None = None
+        # A core on a headless node cannot watch the head's processes: once clients have
+        # spoken, it exits after Env.PEER_TIMEOUT_S without any input (they ping every second).
+        self.watch_clients = watch_clients
+        self.last_input: float | None = None
+        # Bound here, before the model loads, so clients (and a remote head) can connect early;
+        # `tcp://host:*` addresses resolve to the port the OS picked.
+        in_sock = self.ctx.socket(zmq.PULL)
+        in_sock.bind(input_addr)
+        out_socks = []
+        for addr in output_addrs:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.bind(addr)
+            out_socks.append(sock)
+        self.input_addr = _endpoint(in_sock)
+        self.output_addrs = [_endpoint(sock) for sock in out_socks]
+        threading.Thread(target=self._input_thread, args=(in_sock,), daemon=True).start()
+        self.output_thread = threading.Thread(target=self._output_thread, args=(out_socks,),
                                               daemon=True)
         self.output_thread.start()
+        if on_bound is not None:
+            on_bound(self.input_addr, self.output_addrs)
         self.executor = Executor(config)
         try:
             self.core = EngineCore(config, self.executor)
         except Exception:
             self.executor.shutdown()
             raise
+        self.latest_stats = self.core.scheduler.stats()
         ready = CoreReady(engine_pid=os.getpid(), num_blocks=self.core.num_blocks,
                           block_size=config.cache.block_size,
                           max_model_len=self.core.scheduler.max_model_len,
-                          vocab_size=config.model.vocab_size)
+                          vocab_size=config.model.vocab_size, dp_rank=dp_rank)
         for client in range(self.num_clients):
             self.output_queue.put((client, ready))
 
     # ------------------------------------------------------------ I/O threads
 
-    def _input_thread(self, addr: str) -> None:
-        sock = self.ctx.socket(zmq.PULL)
-        sock.bind(addr)
+    def _input_thread(self, sock: zmq.Socket) -> None:
         while True:
             raw = sock.recv(copy=False)
+            self.last_input = time.monotonic()
             try:
                 self.input_queue.put(core_input_decoder.decode(raw.buffer))
             except Exception as exc:  # a malformed message must not take the engine down
                 logger.error("dropping undecodable input: %s", exc)
 
-    def _output_thread(self, addrs: list[str]) -> None:
-        socks = []
-        for addr in addrs:
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.bind(addr)
-            socks.append(sock)
+    def _output_thread(self, socks: list[zmq.Socket]) -> None:
+        """Send queued outputs, never blocking one client on another, plus heartbeats.
+
+        Each client has its own backlog, sent without blocking: a client that has not connected
+        yet (or reads slowly) delays only its own messages. A client that got nothing for
+        `_HEARTBEAT_S` gets an empty `EngineOutputs` carrying the latest stats, so it can tell a
+        live idle core from a dead one (a remote core has no pid to watch) and balance load.
+        """
+        backlog: list[collections.deque] = [collections.deque() for _ in socks]
+        last_sent = [time.monotonic()] * len(socks)
+        stopping = False
         while True:
-            client, msg = self.output_queue.get()
-            if msg is None:
-                for sock in socks:
+            try:
+                item = self.output_queue.get(
+                    timeout=_RETRY_S if any(backlog) else _HEARTBEAT_S / 2)
+                while True:
+                    client, msg = item
+                    if msg is None:
+                        stopping = True
+                    else:
+                        backlog[client].append(encode(msg))
+                    item = self.output_queue.get_nowait()
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            for i, sock in enumerate(socks):
+                if not backlog[i] and now - last_sent[i] > _HEARTBEAT_S and not stopping:
+                    backlog[i].append(encode(EngineOutputs(stats=self.latest_stats,
+                                                           timestamp=time.time())))
+                while backlog[i]:
+                    try:
+                        sock.send(backlog[i][0], flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    backlog[i].popleft()
+                    last_sent[i] = now
+            if stopping:
+                for sock, left in zip(socks, backlog, strict=True):
+                    sock.setsockopt(zmq.SNDTIMEO, 1000)
+                    try:
+                        for raw in left:
+                            sock.send(raw, copy=False)
+                    except zmq.Again:
+                        pass  # that client is gone
                     sock.close(linger=1000)  # flush what is queued before the process exits
                 return
-            socks[client].send(encode(msg), copy=False)
 
     # ------------------------------------------------------------ loop
 
@@ -212,6 +277,10 @@ class EngineCoreProc:
                     if os.getppid() != self.parent_pid:
                         logger.error("parent process died; shutting down")
                         break
+                    if self._clients_gone():
+                        logger.error("no word from the head node's API servers for %gs; "
+                                     "shutting down", Env.PEER_TIMEOUT_S)
+                        break
                     self.executor.check_alive()
         except EngineDeadError as exc:
             logger.error("engine dead: %s", exc)
@@ -220,6 +289,10 @@ class EngineCoreProc:
             self._shutdown()
             raise SystemExit(1) from None
         self._shutdown()
+
+    def _clients_gone(self) -> bool:
+        return self.watch_clients and self.last_input is not None and \
+            time.monotonic() - self.last_input > Env.PEER_TIMEOUT_S
 
     def _process_inputs(self, block: bool) -> None:
         try:
@@ -265,8 +338,8 @@ class EngineCoreProc:
                 raise ValueError(f"unknown op {msg.op!r}")
         except ValueError as e:
             result = ControlResult(call_id=msg.call_id, ok=False, error=str(e))
-        out = EngineOutputs(control=result, stats=self.core.scheduler.stats(),
-                            timestamp=time.time())
+        self.latest_stats = self.core.scheduler.stats()
+        out = EngineOutputs(control=result, stats=self.latest_stats, timestamp=time.time())
         self.output_queue.put((msg.client_index, out))
 
     def _emit(self, deltas: list[TokenDelta]) -> None:
@@ -279,7 +352,7 @@ class EngineCoreProc:
             if delta.finish_reason is not None:
                 self.client_of.pop(delta.request_id, None)
             per_client.setdefault(client, []).append(delta)
-        stats = self.core.scheduler.stats()
+        stats = self.latest_stats = self.core.scheduler.stats()
         now = time.time()
         for client, outs in per_client.items():
             self.output_queue.put((client, EngineOutputs(outputs=outs, stats=stats,

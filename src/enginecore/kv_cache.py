@@ -184,7 +184,7 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
         """Longest cached prefix of full blocks, in blocks and tokens (never the whole prompt)."""
-        if not self._may_look_up(request):
+        if not self.may_look_up(request):
             return [], 0
         # At least the last token must be computed: the model samples from its logits.
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
@@ -267,16 +267,22 @@ class KVCacheManager:
         """Drop every cached hash; only possible (True) when no block is in use."""
         return self.pool.reset()
 
-    def _may_look_up(self, request: Request) -> bool:
+    def may_look_up(self, request: Request) -> bool:
+        """Whether prefix-cache hits may skip computing `request`'s leading blocks."""
         # Prompt logprobs need logits at every prompt position, so nothing may be skipped.
         return self.enable_prefix_caching and request.sampling.prompt_logprobs is None
 
     def _record_lookup(self, request: Request, num_hit_tokens: int) -> None:
         # Counted on a successful first allocation, so a request retried over several steps
         # while blocks are short is counted once.
-        if self._may_look_up(request):
+        if self.may_look_up(request):
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += num_hit_tokens
+
+    def block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+        """The hashes of `request`'s first `num_blocks` blocks (all full)."""
+        self._hash_full_blocks(request, num_blocks)
+        return request.block_hashes[:num_blocks]
 
     def _hash_full_blocks(self, request: Request, num_blocks: int) -> None:
         """Extend request.block_hashes to its first `num_blocks` blocks (all must be full)."""

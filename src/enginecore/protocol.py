@@ -151,6 +151,7 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     block_size: int
     max_model_len: int
     vocab_size: int
+    dp_rank: int = 0  # the data-parallel rank of this engine core
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_defaults=True, gc=False):
@@ -163,6 +164,39 @@ class EngineOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_default
 
 
 CoreOutput = EngineOutputs | CoreReady
+
+# ---------------------------------------------------------------- DP handshake (multi-node)
+# An engine core on a headless node registers with the head node's launcher (ZMQ DEALER to the
+# launcher's ROUTER at --data-parallel-address:--data-parallel-rpc-port):
+#
+#     core -> head   DPHello     (rank, config fingerprint)
+#     head -> core   DPWelcome   (how many API servers will connect, or why it is refused)
+#     core binds its input and one output address per API server (tcp, ephemeral ports)
+#     core -> head   DPRegister  (those addresses)
+#     head -> core   DPWelcome   (ack)
+#
+# The head starts its API servers once every remote rank has registered; they connect to the
+# addresses like to a local core's ipc:// ones.
+
+
+class DPHello(msgspec.Struct, tag="dp_hello", array_like=True):
+    dp_rank: int
+    fingerprint: str  # EngineConfig.dp_fingerprint(): what every DP rank must agree on
+
+
+class DPWelcome(msgspec.Struct, tag="dp_welcome", array_like=True, omit_defaults=True):
+    num_clients: int = 0  # API servers on the head; the core binds one output address each
+    error: str | None = None  # set when the head refuses this rank
+
+
+class DPRegister(msgspec.Struct, tag="dp_register", array_like=True):
+    dp_rank: int
+    input_addr: str  # tcp:// address the core bound for CoreInput
+    output_addrs: list[str]  # tcp:// addresses it bound, one per client index
+    engine_pid: int  # for logs: the pid on the remote node
+
+
+DPHandshake = DPHello | DPWelcome | DPRegister
 
 # ---------------------------------------------------------------- engine core -> workers
 
@@ -190,6 +224,20 @@ class CachedReqs(msgspec.Struct, array_like=True, gc=False):
     num_computed_tokens: list[int] = []
 
 
+class KVBlockIO(msgspec.Struct, array_like=True, gc=False):
+    """One KV block moved between this instance's cache and the disaggregated-prefill store."""
+
+    block_id: int
+    key: str  # the block's prefix-cache hash, hex: its name in the store
+
+
+class KVTransferMeta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """What the worker-side KV connector does around one step's forward."""
+
+    loads: list[KVBlockIO] = []  # store -> cache, before the forward
+    saves: list[KVBlockIO] = []  # cache -> store, after the forward
+
+
 class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
     """One scheduler step. Workers compute `num_scheduled_tokens[req_id]` tokens per request
     starting at its num_computed_tokens, and sample one token for every request whose scheduled
@@ -210,6 +258,7 @@ class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
     # Speculative decoding: draft tokens to verify, appended after each request's known tokens
     # (they are counted in num_scheduled_tokens). Requests without drafts are absent.
     scheduled_spec_tokens: dict[str, list[int]] = {}
+    kv_transfer: KVTransferMeta | None = None  # disaggregated prefill (kv_transfer_config)
 
 
 class InitKVCache(msgspec.Struct, tag="init_kv", array_like=True):
@@ -287,6 +336,7 @@ core_input_decoder = msgspec.msgpack.Decoder(CoreInput)
 core_output_decoder = msgspec.msgpack.Decoder(CoreOutput)
 worker_input_decoder = msgspec.msgpack.Decoder(WorkerInput)
 worker_output_decoder = msgspec.msgpack.Decoder(WorkerOutput)
+dp_handshake_decoder = msgspec.msgpack.Decoder(DPHandshake)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

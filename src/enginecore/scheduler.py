@@ -45,6 +45,11 @@ num_computed_tokens rolls back over the rejected drafts, whose KV slots later st
 and only verified tokens' blocks reach the prefix cache. It needs synchronous scheduling (the
 config turns async scheduling off), so no step is ever in flight when schedule() runs.
 
+Disaggregated prefill (`kv_transfer_config`, see enginecore/kv_transfer.py): a consumer admits a
+request with the blocks the KV connector can load counted as computed (after local prefix hits);
+a producer lists the full prompt blocks each step completes for saving. The connector's
+`take_meta()` rides in the step as `kv_transfer`.
+
 Requests that can never run (empty prompt, prompt >= max_model_len, duplicate id) are refused by
 `add_request`, which returns their finish_reason="error" delta at once; they never enter a queue.
 
@@ -60,6 +65,7 @@ import logging
 from enginecore.config import EngineConfig
 from enginecore.encoder_cache import EncoderCacheManager
 from enginecore.kv_cache import KVCacheManager
+from enginecore.kv_transfer import make_kv_connector
 from enginecore.protocol import (
     AddRequest,
     CachedReqs,
@@ -157,6 +163,7 @@ class Scheduler:
         # Draft models write their own KV up to k positions past the verified tokens.
         self.num_lookahead = self.num_spec_tokens if spec.method not in (None, "ngram") else 0
         self._spec = _SpecCounters(self.num_spec_tokens)
+        self.connector = make_kv_connector(config)  # disaggregated prefill, or None
 
     # ------------------------------------------------------------ requests in and out
 
@@ -350,23 +357,27 @@ class Scheduler:
                 # and re-add it, and it recomputes what it just dropped.
                 break
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
-            num_new = request.num_tokens - num_hit
+            num_ext = self._num_external_tokens(request, len(hit_blocks))
+            num_new = request.num_tokens - num_hit - num_ext
             if num_new > plan.budget:
                 if not self.sched_config.enable_chunked_prefill:
                     break  # wait for a step where it fits whole; keep FCFS order
                 num_new = plan.budget
-            num_new, to_encode = self._plan_encoder(request, num_hit, num_new, plan)
+            num_new, to_encode = self._plan_encoder(request, num_hit + num_ext, num_new, plan)
             if num_new <= 0:
                 break
+            # External blocks are allocated like new ones but loaded instead of computed.
             block_ids = self.kv.allocate_slots(
-                request, num_new, computed_blocks=hit_blocks,
-                num_lookahead_tokens=self._lookahead(request, num_hit + num_new))
+                request, num_ext + num_new, computed_blocks=hit_blocks,
+                num_lookahead_tokens=self._lookahead(request, num_hit + num_ext + num_new))
             if block_ids is None:
                 break
+            if num_ext:
+                self._load_external(request, len(hit_blocks), block_ids, num_ext)
             self.waiting.pop(i)
             if loras is not None and request.lora is not None:
                 loras.add(request.lora.int_id)
-            request.start_running(num_hit)
+            request.start_running(num_hit + num_ext)
             self._commit_encoder(request, num_new, to_encode, plan)
             self.running.append(request)
             plan.add(request.request_id, num_new, block_ids)
@@ -415,6 +426,7 @@ class Scheduler:
             other = self.requests[min(holders)]
             index = next(j for j, item in enumerate(other.mm_inputs) if item.hash == key)
             plan.encoder_inputs.setdefault(other.request_id, []).append(index)
+
     def _running_loras(self) -> set[int] | None:
         """Adapter ids of the running requests (None without LoRA): every step computes a
         subset of `running`, so keeping these <= max_loras caps each step's adapters."""
@@ -425,6 +437,33 @@ class Scheduler:
     def remove_lora(self, lora_int_id: int) -> None:
         """Tell the workers (with the next step) to drop an unloaded adapter from their caches."""
         self._removed_loras.append(lora_int_id)
+
+    def _num_external_tokens(self, request: Request, num_hit_blocks: int) -> int:
+        """Tokens of full blocks after the local hits that the KV connector can load."""
+        if self.connector is None or not self.kv.may_look_up(request):
+            return 0
+        # get_computed_blocks hashed every block a hit may cover (never the last token's).
+        max_blocks = (request.num_tokens - 1) // self.kv.block_size
+        keys = [h.hex() for h in request.block_hashes[num_hit_blocks:max_blocks]]
+        return self.connector.num_external_blocks(keys) * self.kv.block_size
+
+    def _load_external(self, request: Request, num_hit_blocks: int, new_block_ids: list[int],
+                       num_ext: int) -> None:
+        n = num_ext // self.kv.block_size
+        keys = request.block_hashes[num_hit_blocks:num_hit_blocks + n]
+        self.connector.add_loads(new_block_ids[:n], [h.hex() for h in keys])
+
+    def _save_computed(self, request: Request, num_new: int) -> None:
+        """Producer: save the full prompt blocks this step's forward completes."""
+        size = self.kv.block_size
+        first = request.num_computed_tokens // size
+        end = min(request.num_computed_tokens + num_new,
+                  len(request.prompt_token_ids)) // size
+        if end <= first or not self.kv.may_look_up(request):
+            return
+        hashes = self.kv.block_hashes(request, end)
+        block_ids = self.kv.block_ids(request.request_id)
+        self.connector.add_saves(block_ids[first:end], [h.hex() for h in hashes[first:end]])
 
     def _build_step(self, plan: _StepPlan) -> ExecuteStep:
         new: list[NewReq] = []
@@ -449,6 +488,8 @@ class Scheduler:
                 cached.new_block_ids.append(plan.new_block_ids[req_id])
                 cached.num_computed_tokens.append(request.num_computed_tokens)
             scheduled[req_id] = (request, request.num_computed_tokens)
+            if self.connector is not None:
+                self._save_computed(request, num_scheduled[req_id])
             request.num_computed_tokens += num_scheduled[req_id]
             num_drafts = len(plan.spec.get(req_id, ()))
             if request.num_computed_tokens - num_drafts == request.num_tokens_with_placeholders:
@@ -459,7 +500,8 @@ class Scheduler:
                            encoder_inputs=plan.encoder_inputs,
                            free_encoder_hashes=self.encoder_cache.take_freed(),
                            removed_loras=self._removed_loras,
-                           scheduled_spec_tokens=plan.spec)
+                           scheduled_spec_tokens=plan.spec,
+                           kv_transfer=self.connector.take_meta() if self.connector else None)
         self._finished_ids, self._removed_loras = [], []
         return step
 

@@ -1,19 +1,26 @@
 """`python -m frontend serve [MODEL] [flags]`: the launcher of the OpenAI-compatible server.
 
     launcher (this process: binds the port once, supervises, forwards SIGINT/SIGTERM)
-      |-- engine core      python -m enginecore (num_clients=N) -- workers: python -m workers
+      |-- engine core(s)   python -m enginecore (num_clients=N), one per local DP rank
+      |                      -- workers: python -m workers
       |-- API server 0     python -m frontend api-server --client-index 0  \\  one listening
       |-- ...                                                              >  socket, inherited
       `-- API server N-1   python -m frontend api-server --client-index N-1 /  (pass_fds)
 
 The launcher builds `EngineConfig` and `ServerConfig` from the flags (`frontend/cli.py`), binds
-the socket, starts the engine core and `--api-server-count` API servers, then only supervises: a
+the socket, starts the engine cores and `--api-server-count` API servers, then only supervises: a
 signal is forwarded to the children, and the death of any child shuts the rest down. Each API
-server reads its `ApiServerSpec` (JSON) from stdin, connects to the core as client `client_index`
-(the core routes each request's outputs back by that index) and serves the shared socket with
-aiohttp on uvloop. Every child watches `os.getppid()`, so none outlives a launcher killed with
-SIGKILL. The launcher also creates the Prometheus multiprocess directory the API servers share
-(see `frontend/metrics.py`).
+server reads its `ApiServerSpec` (JSON) from stdin, connects to every core as client
+`client_index` (a core routes each request's outputs back by that index) and serves the shared
+socket with aiohttp on uvloop. Every child watches `os.getppid()`, so none outlives a launcher
+killed with SIGKILL. The launcher also creates the Prometheus multiprocess directory the API
+servers share (see `frontend/metrics.py`).
+
+Multi-node data parallel (docs/parallelism.md): a head node whose `--data-parallel-size-local` is
+smaller than `--data-parallel-size` first waits, on `--data-parallel-rpc-port`, for the engine
+cores of the other ranks to register (`frontend/dp_registry.py`), then starts its API servers
+with every core's addresses. A `--headless` node runs only engine cores, which register with the
+head themselves, and supervises them.
 
 Without MODEL the demo checkpoint is built once into `Env.CACHE_DIR` by `python -m workers.demo`
 (a subprocess: the frontend never imports torch).
@@ -34,10 +41,14 @@ import time
 from pathlib import Path
 
 import msgspec
+import zmq
 
 from enginecore.config import EngineConfig, Env
+from enginecore.protocol import DPRegister
 from frontend.cli import ServerConfig, parse_serve_args
-from frontend.launch import CoreHandle, start_engine_core
+from frontend.dp_registry import DPRegistry
+from frontend.engine_link import EngineEndpoint
+from frontend.launch import CoreHandle, start_headless_cores, start_local_cores
 
 logger = logging.getLogger("frontend")
 
@@ -55,8 +66,7 @@ class ApiServerSpec(msgspec.Struct, kw_only=True):
     server: ServerConfig
     client_index: int
     fd: int  # the inherited listening socket
-    input_addr: str  # the engine core's CoreInput address
-    output_addr: str  # this client's EngineOutputs address
+    engines: list[EngineEndpoint]  # every engine core (DP rank): its input, our output address
     metrics_dir: str | None = None  # prometheus-client multiprocess directory
 
 
@@ -72,36 +82,78 @@ def serve(argv: list[str]) -> int:
             if not server.served_model_name:
                 server = msgspec.structs.replace(server, served_model_name=[DEMO_NAME])
         config = EngineConfig.create(model, **engine_kwargs)
-        sock = socket.create_server(
+        p = config.parallel
+        if server.headless and p.local_dp_size == 0:
+            raise ValueError("--headless needs data_parallel_size_local >= 1")
+        sock = None if server.headless else socket.create_server(
             (server.host, server.port), backlog=1024,
             family=socket.AF_INET6 if ":" in server.host else socket.AF_INET)
-    except (OSError, ValueError, TypeError, subprocess.CalledProcessError) as e:
+        local = range(p.data_parallel_start_rank, p.data_parallel_start_rank + p.local_dp_size)
+        remote = [r for r in range(p.data_parallel_size) if r not in local]
+        registry = None if server.headless or not remote else \
+            DPRegistry(config, server.api_server_count, remote)
+    except (OSError, ValueError, TypeError, subprocess.CalledProcessError,
+            zmq.ZMQError) as e:
         logger.error("cannot start: %s", e)
         return 2
     received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: received.append(signum))
+    if server.headless:
+        return _serve_headless(config, received)
+    assert sock is not None
     metrics_dir = tempfile.mkdtemp(prefix="tls-metrics-")
     # prometheus-client reads this in the API servers (children inherit it) when it is imported.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    core = start_engine_core(config, num_clients=server.api_server_count)
+    cores = start_local_cores(config, num_clients=server.api_server_count)
     servers: list[subprocess.Popen] = []
     try:
+        registered: dict[int, DPRegister] = {}
+        if registry is not None:
+            logger.info("waiting for DP ranks %s to register at %s", remote, registry.address)
+            got = registry.wait(lambda: bool(received) or any(not c.alive() for c in cores))
+            registry.close()
+            if got is None:
+                return 0 if received else 1
+            registered = got
         for i in range(server.api_server_count):
             servers.append(_start_api_server(ApiServerSpec(
                 engine=config, server=server, client_index=i, fd=sock.fileno(),
-                input_addr=core.input_addr, output_addr=core.output_addrs[i],
-                metrics_dir=metrics_dir)))
+                engines=_endpoints(cores, registered, i), metrics_dir=metrics_dir)))
         port = sock.getsockname()[1]
         sock.close()  # the API servers hold their own copies
-        logger.info("starting %s as %s on http://%s:%d with %d API server(s)", model,
-                    server.served_model_name or [model], server.host, port,
-                    server.api_server_count)
-        code = _supervise(core, servers, received)
+        logger.info("starting %s as %s on http://%s:%d with %d API server(s), %d DP rank(s)",
+                    model, server.served_model_name or [model], server.host, port,
+                    server.api_server_count, p.data_parallel_size)
+        code = _supervise(cores, servers, received)
     finally:
-        _stop_children(core, servers, received[0] if received else signal.SIGTERM)
+        _stop_children(cores, servers, received[0] if received else signal.SIGTERM)
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return code
+
+
+def _endpoints(cores: list[CoreHandle], registered: dict[int, DPRegister],
+               client_index: int) -> list[EngineEndpoint]:
+    """Client `client_index`'s addresses of every engine core, in DP-rank order."""
+    out = [EngineEndpoint(dp_rank=c.dp_rank, input_addr=c.input_addr,
+                          output_addr=c.output_addrs[client_index]) for c in cores]
+    out += [EngineEndpoint(dp_rank=rank, input_addr=reg.input_addr,
+                           output_addr=reg.output_addrs[client_index], local=False)
+            for rank, reg in registered.items()]
+    return sorted(out, key=lambda e: e.dp_rank)
+
+
+def _serve_headless(config: EngineConfig, received: list[int]) -> int:
+    """A node without API servers: its engine cores register with the head and serve it."""
+    p = config.parallel
+    head = f"tcp://{p.data_parallel_address}:{p.data_parallel_rpc_port}"
+    cores = start_headless_cores(config, head)
+    logger.info("headless: DP ranks %s registering with the head at %s",
+                [c.dp_rank for c in cores], head)
+    try:
+        return _supervise(cores, [], received)
+    finally:
+        _stop_children(cores, [], received[0] if received else signal.SIGTERM)
 
 
 def _demo_model() -> str:
@@ -124,12 +176,15 @@ def _start_api_server(spec: ApiServerSpec) -> subprocess.Popen:
     return proc
 
 
-def _supervise(core: CoreHandle, servers: list[subprocess.Popen], received: list[int]) -> int:
+def _supervise(cores: list[CoreHandle], servers: list[subprocess.Popen],
+               received: list[int]) -> int:
     """Wait for a signal (exit code 0) or a dead child (exit code 1)."""
     while not received:
-        if not core.alive():
-            logger.error("engine core exited with code %s; shutting down", core.proc.poll())
-            return 1
+        for core in cores:
+            if not core.alive():
+                logger.error("engine core (DP rank %d) exited with code %s; shutting down",
+                             core.dp_rank, core.proc.poll())
+                return 1
         for i, proc in enumerate(servers):
             if proc.poll() is not None:
                 logger.error("API server %d exited with code %s; shutting down", i,
@@ -140,8 +195,9 @@ def _supervise(core: CoreHandle, servers: list[subprocess.Popen], received: list
     return 0
 
 
-def _stop_children(core: CoreHandle, servers: list[subprocess.Popen], signum: int) -> None:
-    """API servers first (they abort their requests), then the engine core and its workers."""
+def _stop_children(cores: list[CoreHandle], servers: list[subprocess.Popen],
+                   signum: int) -> None:
+    """API servers first (they abort their requests), then the engine cores and their workers."""
     for proc in servers:
         if proc.poll() is None:
             proc.send_signal(signum)
@@ -152,7 +208,11 @@ def _stop_children(core: CoreHandle, servers: list[subprocess.Popen], signum: in
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    core.stop(_STOP_TIMEOUT_S)
+    for core in cores:  # SIGTERM to all first, so they stop in parallel
+        if core.alive():
+            core.proc.send_signal(signal.SIGTERM)
+    for core in cores:
+        core.stop(_STOP_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------- API server process
@@ -186,7 +246,7 @@ async def _run_api_server(spec: ApiServerSpec) -> None:
         return stop.is_set() or os.getppid() != parent
 
     connect = asyncio.ensure_future(AsyncEngine.connect(
-        spec.engine, spec.input_addr, spec.output_addr, spec.client_index))
+        spec.engine, spec.engines, spec.client_index))
     while not connect.done():
         await asyncio.wait({connect}, timeout=_PARENT_POLL_S)
         if should_stop():

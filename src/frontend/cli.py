@@ -68,6 +68,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     lora_modules: list[str] = []
     # a .py file (or module name) whose import registers LoRA resolvers (register_lora_resolver)
     lora_resolver_plugin: str | None = None
+    # multi-node data parallel: run only this node's engine cores (ranks from
+    # --data-parallel-start-rank), registered with the head at --data-parallel-address; no API
+    # server, no HTTP port
+    headless: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming a bad field."""
@@ -96,6 +100,11 @@ _NOT_FLAGS = {"model", "architecture", "vocab_size", "eos_token_ids", "hidden_si
 _FLAG_NAMES = {
     "policy": ["--scheduling-policy"],
     "tensor_parallel_size": ["--tensor-parallel-size", "-tp"],
+    "data_parallel_size": ["--data-parallel-size", "-dp"],
+    "data_parallel_size_local": ["--data-parallel-size-local", "-dpl"],
+    "data_parallel_address": ["--data-parallel-address", "-dpa"],
+    "data_parallel_rpc_port": ["--data-parallel-rpc-port", "-dpp"],
+    "data_parallel_start_rank": ["--data-parallel-start-rank", "-dpr"],
 }
 _FIELD_LINE = re.compile(r"\s+(\w+):[^#]*(?:#\s*(.*))?$")
 _COMMENT_LINE = re.compile(r"\s+#\s*(.*)$")
@@ -179,6 +188,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
     parser.add_argument("--speculative-model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--num-speculative-tokens", type=int, default=None,
                         help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--kv-transfer-config", default=None, metavar="JSON",
+        help='disaggregated prefill, as JSON: {"kv_connector": "SharedMemoryConnector", '
+             '"kv_role": "kv_producer" | "kv_consumer" | "kv_both", '
+             '"kv_connector_extra_config": {"shm_path": DIR}} (docs/parallelism.md)')
     server_group = parser.add_argument_group("ServerConfig")
     server_dests = _add_struct_flags(server_group, ServerConfig, engine=False)
     return parser, engine_dests, server_dests
@@ -200,6 +214,8 @@ def parse_serve_args(argv: list[str]) -> tuple[str | None, dict[str, Any], Serve
         engine_kwargs["speculative_config"] = {
             "model": args.speculative_model,
             "num_speculative_tokens": args.num_speculative_tokens or 0}
+    if args.kv_transfer_config is not None:
+        engine_kwargs["kv_transfer_config"] = args.kv_transfer_config
     try:
         server = ServerConfig(**{d: v for d in server_dests if (v := getattr(args, d)) is not None})
         server.validate()

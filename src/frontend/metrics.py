@@ -10,9 +10,10 @@ Two kinds of metrics, collected two ways:
                   its children), and a scrape, whichever process answers it, reads all the files.
     engine-wide   KV-cache usage, running and waiting requests, prefix-cache queries and hits
                   (and their ratio), preemptions, speculative-decoding acceptance. They belong
-                  to the one engine core, so summing them over API servers would be wrong: the
-                  process answering the scrape fetches fresh `SchedulerStats` from the core and
-                  reports them through a collector.
+                  to the engine cores, so summing them over API servers would be wrong: the
+                  process answering the scrape fetches fresh `SchedulerStats` from every core and
+                  reports them through a collector, one sample per data-parallel rank (label
+                  `engine="<rank>"`, as vLLM).
 
 `tinyllm:api_servers` (a `livesum` gauge: each live process contributes 1) shows how many API
 servers the files describe. Metric names follow vLLM's, under the `tinyllm:` prefix.
@@ -47,7 +48,7 @@ _E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 class ServerMetrics:
     """The metrics of one API server process; `render()` answers a scrape."""
 
-    def __init__(self, model_name: str, stats: Callable[[], SchedulerStats],
+    def __init__(self, model_name: str, stats: Callable[[], dict[int, SchedulerStats]],
                  multiprocess_dir: str | None = None):
         # In multiprocess mode the values live in files, so the metric objects need no registry;
         # a scrape builds a fresh one over the files (MultiProcessCollector).
@@ -125,65 +126,69 @@ class RequestTracker:
 
 
 class _EngineCollector:
-    """Engine-wide gauges and counters from the latest SchedulerStats, read at scrape time."""
+    """Engine gauges and counters from each DP rank's latest SchedulerStats, read at scrape time."""
 
-    def __init__(self, model_name: str, stats: Callable[[], SchedulerStats]):
+    def __init__(self, model_name: str, stats: Callable[[], dict[int, SchedulerStats]]):
         self.model_name = model_name
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        s = self.stats()
-        hit_rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
+        per_rank = sorted(self.stats().items())
         gauges = (
             ("tinyllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
-             s.kv_cache_usage),
-            ("tinyllm:num_requests_running", "Requests in the running batch.", s.num_running),
-            ("tinyllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+             lambda s: s.kv_cache_usage),
+            ("tinyllm:num_requests_running", "Requests in the running batch.",
+             lambda s: s.num_running),
+            ("tinyllm:num_requests_waiting", "Requests waiting to be scheduled.",
+             lambda s: s.num_waiting),
             ("tinyllm:prefix_cache_hit_rate", "Prompt tokens found cached / looked up, since "
-             "start.", hit_rate),
+             "start.", lambda s: s.prefix_cache_hits / s.prefix_cache_queries
+             if s.prefix_cache_queries else 0.0),
         )
-        for name, doc, value in gauges:
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], value)
-            yield family
         counters = (
             ("tinyllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-             s.prefix_cache_queries),
+             lambda s: s.prefix_cache_queries),
             ("tinyllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-             s.prefix_cache_hits),
+             lambda s: s.prefix_cache_hits),
             ("tinyllm:num_preemptions", "Requests preempted by the scheduler.",
-             s.num_preemptions),
+             lambda s: s.num_preemptions),
         )
-        for name, doc, value in counters:
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], value)
-            yield family
-        if s.spec_accepted_per_pos:  # speculative decoding is on
-            yield from self._spec_decode(s)
+        for kind, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, doc, value in table:
+                family = kind(name, doc, labels=["model_name", "engine"])
+                for rank, s in per_rank:
+                    family.add_metric([self.model_name, str(rank)], value(s))
+                yield family
+        spec = [(rank, s) for rank, s in per_rank if s.spec_accepted_per_pos]
+        if spec:  # speculative decoding is on
+            yield from self._spec_decode(spec)
 
-    def _spec_decode(self, s: SchedulerStats) -> Iterator[Metric]:
+    def _spec_decode(self, per_rank: list[tuple[int, SchedulerStats]]) -> Iterator[Metric]:
         counters = (
             ("tinyllm:spec_decode_num_drafts", "Draft verifications (a request with drafts in a "
-             "step).", s.spec_num_drafts),
+             "step).", lambda s: s.spec_num_drafts),
             ("tinyllm:spec_decode_num_draft_tokens", "Draft tokens verified.",
-             s.spec_num_draft_tokens),
+             lambda s: s.spec_num_draft_tokens),
             ("tinyllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
-             s.spec_num_accepted_tokens),
+             lambda s: s.spec_num_accepted_tokens),
         )
+        labels = ["model_name", "engine"]
         for name, doc, value in counters:
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], value)
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for rank, s in per_rank:
+                family.add_metric([self.model_name, str(rank)], value(s))
             yield family
         per_pos = CounterMetricFamily(
             "tinyllm:spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted at each draft position (0: the first draft).",
-            labels=["model_name", "position"])
-        for pos, value in enumerate(s.spec_accepted_per_pos):
-            per_pos.add_metric([self.model_name, str(pos)], value)
+            labels=[*labels, "position"])
+        mean = GaugeMetricFamily("tinyllm:spec_decode_mean_acceptance_length",
+                                 "1 + accepted / drafts, since start.", labels=labels)
+        for rank, s in per_rank:
+            for pos, value in enumerate(s.spec_accepted_per_pos):
+                per_pos.add_metric([self.model_name, str(rank), str(pos)], value)
+            # 1 + accepted drafts per verification: tokens a request gains per verifying step.
+            mean.add_metric([self.model_name, str(rank)], 1.0 + s.spec_num_accepted_tokens
+                            / s.spec_num_drafts if s.spec_num_drafts else 1.0)
         yield per_pos
-        # 1 + accepted drafts per verification: tokens a request gains per verifying step.
-        mean = 1.0 + s.spec_num_accepted_tokens / s.spec_num_drafts if s.spec_num_drafts else 1.0
-        family = GaugeMetricFamily("tinyllm:spec_decode_mean_acceptance_length",
-                                   "1 + accepted / drafts, since start.", labels=["model_name"])
-        family.add_metric([self.model_name], mean)
-        yield family
+        yield mean

@@ -110,7 +110,7 @@ class OpenAIServer:
         self.engine = engine
         self.config = config
         name = (config.served_model_name or [engine.config.model.model])[0]
-        self.metrics = ServerMetrics(name, lambda: engine.stats, metrics_dir)
+        self.metrics = ServerMetrics(name, lambda: engine.stats_by_rank, metrics_dir)
         self.tokenizer = engine.tokenizer
         self.serving = OpenAIServing(engine, config, self.metrics)
         self.created = int(time.time())

@@ -37,6 +37,7 @@ from enginecore.protocol import (
     worker_input_decoder,
 )
 from shm import BroadcastQueue
+from workers.kv_transfer import make_kv_worker
 from workers.models import read_hf_config, resolve_dtype
 from workers.parallel import destroy_tp_group, init_tp_group
 from workers.runner import ModelRunner
@@ -76,6 +77,7 @@ class Worker:
                                    read_hf_config(config.model.model))
         self.runner = ModelRunner(config, self.device, self.dtype, self.tp)
         self.sleep_mode = SleepMode(self.runner)
+        self.kv_transfer = make_kv_worker(config, rank)  # disaggregated prefill, or None
         if self.tp.size > 1:
             # A rank blocked in a collective never polls the rings: watch the parent instead.
             threading.Thread(target=self._exit_with_parent, daemon=True).start()
@@ -108,8 +110,14 @@ class Worker:
 
     def handle(self, msg):  # -> WorkerOutput
         match msg:
-            case ExecuteStep():
+            case ExecuteStep(kv_transfer=None):
                 return self.runner.execute(msg)
+            case ExecuteStep(kv_transfer=meta):
+                assert self.kv_transfer is not None, "KV transfer step without a connector"
+                self.kv_transfer.load(meta, self.runner.kv_caches)
+                result = self.runner.execute(msg)
+                self.kv_transfer.save(meta, self.runner.kv_caches)
+                return result
             case ProfileMemory(call_id=call_id):
                 return MemoryReport(call_id=call_id, available_bytes=self.available_kv_bytes(),
                                     bytes_per_block=self.runner.bytes_per_block())

@@ -1,0 +1,96 @@
+"""Disaggregated prefill through the HTTP servers: a producer (prefill) server, a consumer
+(decode) server sharing a shared-memory KV store, and `scripts/pd_proxy.py` in front. Answers
+through the proxy must equal a single instance's, and the consumer must have loaded the prompt
+blocks (reported as cached tokens although it never saw the prompt)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from e2e_server import TINY_ENGINE_FLAGS, free_port, http
+
+pytestmark = pytest.mark.timeout(240)
+
+PROXY = Path(__file__).resolve().parents[2] / "scripts" / "pd_proxy.py"
+WORDS = "model token server cache block request stream queue kernel memory batch".split()
+
+
+def prompt(seed: int, words: int = 40) -> str:
+    return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(words))
+
+
+@pytest.fixture(scope="module")
+def pd(server_factory, tiny_model_dir, tmp_path_factory):
+    store = str(tmp_path_factory.mktemp("kv-store"))
+
+    def kv(role: str) -> list[str]:
+        return ["--kv-transfer-config", json.dumps({
+            "kv_connector": "SharedMemoryConnector", "kv_role": role,
+            "kv_connector_extra_config": {"shm_path": store}})]
+
+    producer = server_factory([tiny_model_dir, *TINY_ENGINE_FLAGS, *kv("kv_producer")])
+    consumer = server_factory([tiny_model_dir, *TINY_ENGINE_FLAGS, *kv("kv_consumer")])
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, str(PROXY), "--port", str(port), "--prefill",
+                              producer.url, "--decode", consumer.url],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not _up(url):
+        assert time.monotonic() < deadline and proxy.poll() is None, "proxy did not start"
+        time.sleep(0.2)
+    yield producer, consumer, url, store
+    proxy.terminate()
+    proxy.wait(10)
+
+
+def _up(url: str) -> bool:
+    try:
+        return http("GET", url + "/health", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def _complete(url: str, text: str, **extra) -> dict:
+    status, body = http("POST", url + "/v1/completions", {
+        "prompt": text, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True, **extra})
+    assert status == 200, body
+    return body
+
+
+def test_completions_through_proxy_match_one_instance(pd):
+    producer, consumer, url, store = pd
+    for seed in range(3):
+        text = prompt(seed)
+        single = _complete(producer.url, text + " single")  # a plain answer, nothing shared
+        through = _complete(url, text + " single")
+        assert through["choices"][0]["text"] == single["choices"][0]["text"]
+        cached = through["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached >= 16, through["usage"]  # the consumer loaded the prompt's full blocks
+    assert any(Path(store).rglob("*.r0"))
+
+
+def test_streamed_chat_through_proxy_matches_one_instance(pd):
+    producer, consumer, url, store = pd
+    messages = [{"role": "user", "content": prompt(9, 50)}]
+    status, single = http("POST", producer.url + "/v1/chat/completions", {
+        "messages": messages, "max_tokens": 10, "temperature": 0.0})
+    assert status == 200, single
+    status, raw = http("POST", url + "/v1/chat/completions", {
+        "messages": messages, "max_tokens": 10, "temperature": 0.0, "stream": True})
+    assert status == 200
+    pieces = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+              for line in raw.splitlines() if line.startswith("data: {")]
+    assert "".join(pieces) == single["choices"][0]["message"]["content"]
+    assert raw.rstrip().endswith("data: [DONE]")
+
+
+def test_prefill_errors_come_back_as_is(pd):
+    _, _, url, _ = pd
+    status, body = http("POST", url + "/v1/completions", {"prompt": "hi", "temperature": -1})
+    assert status == 400 and "temperature" in json.dumps(body)
