@@ -189,7 +189,7 @@ class OpenAIServing:
         prompts = []
         for item in encoded:
             embeds = decode_prompt_embeds(item, model.hidden_size)
-            prompts.append(_Prompt(None, [0] * embeds.shape[0], "", embeds))
+            prompts.append(_Prompt(None, [0] * embeds.shape[0], "", embeds=embeds))
         return prompts
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -239,7 +239,7 @@ class OpenAIServing:
         echo = ""
         if req.echo and messages[-1].get("role") == "assistant":
             echo = messages[-1].get("content") or ""
-        return _Prompt(text, ids, echo, mm_inputs)
+        return _Prompt(text, ids, echo, mm_inputs=mm_inputs)
 
     async def resolve_model(self, requested: str | None) -> None:
         """Let the LoRA resolvers find an adapter for a name nobody serves yet."""

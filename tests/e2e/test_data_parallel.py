@@ -122,10 +122,12 @@ def two_nodes(server_factory, tiny_model_dir, tmp_path_factory):
           "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(port)]
     env = child_env(TLS_PEER_TIMEOUT_S=PEER_TIMEOUT_S)
     log = tmp_path_factory.mktemp("headless") / "headless.log"
-    node = HeadlessNode([tiny_model_dir, *TINY_ENGINE_FLAGS, *dp, "--headless",
+    # 2048-token streams (`_stream`) outlast the peer timeout even on a fast, idle machine.
+    flags = [*TINY_ENGINE_FLAGS, "--max-model-len", "2048"]
+    node = HeadlessNode([tiny_model_dir, *flags, *dp, "--headless",
                          "--data-parallel-start-rank", "1"], log, env)
     try:
-        head = server_factory([tiny_model_dir, *TINY_ENGINE_FLAGS, *dp], env=env)
+        head = server_factory([tiny_model_dir, *flags, *dp], env=env)
     except BaseException:
         node.kill()
         print(log.read_text(errors="replace"))
@@ -148,7 +150,7 @@ def _stream(port: int, ended: list[str], started: threading.Barrier) -> None:
     outcome = "ok"
     try:
         conn.request("POST", "/v1/completions", json.dumps({
-            "prompt": "lost node", "max_tokens": 900, "ignore_eos": True, "stream": True}),
+            "prompt": "lost node", "max_tokens": 1900, "ignore_eos": True, "stream": True}),
             {"Content-Type": "application/json"})
         resp = conn.getresponse()
         resp.readline()
