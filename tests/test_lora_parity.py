@@ -203,3 +203,31 @@ def test_bad_lora_requests_are_rejected(tiny_models, lora_adapters, tmp_path) ->
     assert on.make_request("r", [5, 6], params, lora=chat).lora == chat
     with pytest.raises(ValueError, match="not enabled"):
         processor().make_request("r", [5, 6], params, lora=chat)
+
+
+def test_lora_on_a_quantized_base_matches_peft_on_the_dequantized_model(
+        tiny_models, lora_adapters, tmp_path) -> None:
+    """LoRA over a GPTQ (W4A16) base: the engine equals peft on a transformers model holding the
+    same dequantized weights (weight-only quantization, so the match is exact up to fp32)."""
+    from peft import PeftModel
+    from quant_ckpt import write_quantized
+
+    quant_dir, deq_dir = write_quantized(tiny_models["llama"], tmp_path / "gptq", "gptq")
+    base = AutoModelForCausalLM.from_pretrained(deq_dir, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(base, lora_adapters["sql"]).eval()
+    adapter = LoRARequest("sql", 1, lora_adapters["sql"])
+    prompts = [prompt(9, seed=21), prompt(23, seed=22)]
+    with LLM(quant_dir, enable_lora=True, max_loras=1, max_lora_rank=8,
+             dtype="float32") as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, logprobs=0,
+                                                    ignore_eos=True),
+                            use_tqdm=False, lora_request=adapter)
+    for p, out in zip(prompts, outs, strict=True):
+        want_ids, want_lps = peft_greedy(ref, p, 6)
+        got = out.outputs[0]
+        assert got.token_ids == want_ids
+        got_lps = [pos[t].logprob for pos, t in zip(got.logprobs, got.token_ids, strict=True)]
+        np.testing.assert_allclose(got_lps, want_lps, atol=ATOL)
+    with ref.disable_adapter():  # the adapter matters: without it the reference differs
+        assert [peft_greedy(ref, p, 6)[0] for p in prompts] != [o.outputs[0].token_ids
+                                                                for o in outs]
