@@ -18,10 +18,7 @@ rank <= max_lora_rank, supported modules, shapes against the base model), so a b
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ import msgspec
 
 from enginecore.config import EngineConfig, Env, inspect_lora_adapter
 from enginecore.protocol import LoRARef
+from frontend.registry import import_plugin
 
 
 class LoadLoRAAdapterRequest(msgspec.Struct, kw_only=True):
@@ -124,22 +122,7 @@ def register_lora_resolver(name: str, resolver: LoRAResolver) -> None:
 def load_lora_resolver_plugin(path: str) -> None:
     """Import a user module (a .py file or a dotted module name) that calls
     `register_lora_resolver` (`--lora-resolver-plugin`)."""
-    if Path(path).is_file():
-        module_name = f"lora_resolver_plugin_{Path(path).stem}"
-        if module_name in sys.modules:
-            return  # imported already (the launcher validates, each API server imports)
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise ValueError(f"lora_resolver_plugin: cannot import {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-        return
-    try:
-        importlib.import_module(path)
-    except ImportError as e:
-        raise ValueError(f"lora_resolver_plugin: {path} is neither a file nor a module: "
-                         f"{e}") from e
+    import_plugin(path, "lora_resolver_plugin")
 
 
 def lora_resolvers() -> list[LoRAResolver]:

@@ -21,17 +21,13 @@ and the forced-choice parsers (named function, `required`) live in `frontend/too
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from frontend import openai as api
-from frontend.registry import Registry
+from frontend.registry import Registry, import_plugin
 from frontend.tool_formats import (
     NamedToolParser,
     ParsedCall,
@@ -75,22 +71,7 @@ get_tool_parser = TOOL_PARSERS.get_factory
 
 def load_tool_parser_plugin(path: str) -> None:
     """Import a user module (a .py file or a dotted module name) that registers parsers."""
-    if Path(path).is_file():
-        module_name = f"tool_parser_plugin_{Path(path).stem}"
-        if module_name in sys.modules:
-            return  # imported already (the launcher validates, the API server builds)
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise ValueError(f"tool_parser_plugin: cannot import {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    else:
-        try:
-            importlib.import_module(path)
-        except ImportError as e:
-            raise ValueError(f"tool_parser_plugin: {path} is neither a file nor a module: "
-                             f"{e}") from e
+    import_plugin(path, "tool_parser_plugin")
 
 
 def random_call_id() -> str:
