@@ -148,8 +148,8 @@ def _sgmv_kernel(x_ptr, w_ptr, out_ptr, token_ids_ptr, seg_start_ptr, N, slice1,
 def _launch(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
             sorted_token_ids: torch.Tensor, seg_start: torch.Tensor, scale: float,
             accumulate: bool, config: tuple[int, int, int, int, int],
-            slice_sizes: list[int] | None = None) -> None:
-    num_tokens = x.shape[0]
+            slice_sizes: list[int] | None = None, max_segment: int | None = None) -> None:
+    num_tokens = x.shape[0] if max_segment is None else min(x.shape[0], max_segment)
     num_slots, n, k = weights.shape
     if num_tokens == 0 or n == 0:
         return
@@ -185,25 +185,33 @@ def _check(x: torch.Tensor, weights: torch.Tensor, sorted_token_ids: torch.Tenso
 
 
 def lora_shrink(x: torch.Tensor, weights: torch.Tensor, sorted_token_ids: torch.Tensor,
-                seg_start: torch.Tensor) -> torch.Tensor:
-    """Triton `lora_shrink_ref` over segments: x [T, K], weights [S, R, K] -> fp32 [T, R]."""
+                seg_start: torch.Tensor, max_segment: int | None = None) -> torch.Tensor:
+    """Triton `lora_shrink_ref` over segments: x [T, K], weights [S, R, K] -> fp32 [T, R].
+
+    max_segment: the longest slot segment when the caller knows it (host int); the grid then
+    covers only that many rows per slot instead of all T (programs past a segment's end exit,
+    but with S slots a T-row grid launches S times the programs any step can use).
+    """
     _check(x, weights, sorted_token_ids, seg_start)
     out = torch.zeros((x.shape[0], weights.shape[1]), dtype=torch.float32, device=x.device)
-    _launch(x, weights, out, sorted_token_ids, seg_start, 1.0, False, SHRINK_CONFIG)
+    _launch(x, weights, out, sorted_token_ids, seg_start, 1.0, False, SHRINK_CONFIG,
+            max_segment=max_segment)
     return out
 
 
 def lora_expand(out: torch.Tensor, t: torch.Tensor, weights: torch.Tensor,
                 sorted_token_ids: torch.Tensor, seg_start: torch.Tensor,
-                slice_sizes: list[int] | None = None, scale: float = 1.0) -> None:
+                slice_sizes: list[int] | None = None, scale: float = 1.0,
+                max_segment: int | None = None) -> None:
     """Triton `lora_expand_ref` over segments, every slice in one launch: out [T, N] +=
     scale * t [T, L*R] (slice l: columns l*R..) @ weights[slot]^T per slice, weights [S, N, R].
 
     `out` may itself be a column slice of a wider tensor. Slice sizes must be multiples of 16.
+    max_segment: as in `lora_shrink`.
     """
     num_slices = len(slice_sizes) if slice_sizes else 1
     _check(t, weights, sorted_token_ids, seg_start, num_slices)
     assert out.dim() == 2 and out.shape == (t.shape[0], weights.shape[1]), (out.shape, t.shape)
     assert out.dtype in _FLOAT_DTYPES and out.device == t.device
     _launch(t, weights, out, sorted_token_ids, seg_start, scale, True, EXPAND_CONFIG,
-            slice_sizes)
+            slice_sizes, max_segment)

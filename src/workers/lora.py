@@ -120,6 +120,7 @@ class LoRAManager:
         token_slots = np.repeat(req_slots, num_scheduled)
         self._slots_np[:num_tokens] = token_slots
         counts = np.bincount(token_slots[token_slots >= 0], minlength=self.num_slots)
+        self.batch.max_segment = int(counts.max()) if counts.size else 0
         self._seg_np[0] = 0
         self._seg_np[1:] = np.cumsum(counts)
         if in_use:

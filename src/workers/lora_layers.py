@@ -40,6 +40,9 @@ class LoRABatch:
     active: bool = False
     # Triton kernels (CUDA; on CPU only under TRITON_INTERPRET, for tests), else the references.
     kernels: bool = False
+    # Host copy of the longest slot segment this step: eager launches size their grids to it.
+    # Ignored while a CUDA graph is captured (a replay may map every token to one slot).
+    max_segment: int | None = None
 
 
 class LoRALinear(nn.Module):
@@ -84,8 +87,12 @@ class LoRALinear(nn.Module):
             return y
         if batch.kernels:
             ids, seg = batch.sorted_token_ids, batch.seg_start
-            t = lora_shrink(x, self.lora_a, ids, seg)  # fp32 [T, L*R]
-            lora_expand(y, t, self.lora_b, ids, seg, self.slice_sizes)
+            rows = None if x.is_cuda and torch.cuda.is_current_stream_capturing() \
+                else batch.max_segment
+            if rows == 0:
+                return y  # no token of this (eager) step has an adapter
+            t = lora_shrink(x, self.lora_a, ids, seg, rows)  # fp32 [T, L*R]
+            lora_expand(y, t, self.lora_b, ids, seg, self.slice_sizes, max_segment=rows)
             return y
         slots = batch.token_slots[: x.shape[0]]
         t = lora_shrink_ref(x, self.lora_a, slots)

@@ -135,6 +135,28 @@ def test_same_launch_shape_serves_any_mix(device: str, dtype: torch.dtype) -> No
                                    atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_grid_sized_to_the_longest_segment(device: str, dtype: torch.dtype) -> None:
+    """max_segment (the host's count) covers every segment: the same result as a T-row grid;
+    a bound one row tile short of the longest segment leaves its last rows out."""
+    num_slots, k, r, n, num_tokens = 3, 32, 16, 48, 100
+    x = randn(num_tokens, k, dtype=dtype, device=device, seed=30)
+    a = stacked(num_slots, r, k, [16, 8, 4], rank_dim=1, dtype=dtype, device=device, seed=31)
+    b = stacked(num_slots, n, r, [16, 8, 4], rank_dim=2, dtype=dtype, device=device, seed=32)
+    token_slots = slots_of(num_tokens, num_slots, seed=33, device=device)
+    ids, seg = lora_segments(token_slots, num_slots)
+    longest = int(torch.bincount(token_slots[token_slots >= 0].cpu()).max())
+    full, short = (lora_shrink(x, a, ids, seg, m) for m in (None, longest))
+    torch.testing.assert_close(short, full, atol=0, rtol=0)
+    base = randn(num_tokens, n, dtype=dtype, device=device, seed=34)
+    out_full, out_short = base.clone(), base.clone()
+    lora_expand(out_full, full, b, ids, seg)
+    lora_expand(out_short, full, b, ids, seg, max_segment=longest)
+    torch.testing.assert_close(out_short, out_full, atol=0, rtol=0)
+    assert longest > 16  # > one BLOCK_M row tile of the shrink launch
+    assert not torch.equal(lora_shrink(x, a, ids, seg, 16), full)  # the bound is used
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lora_linear_cuda_graph_replays_any_adapter_mix(dtype: torch.dtype) -> None:
