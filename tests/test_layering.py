@@ -13,7 +13,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 OURS = {"frontend", "enginecore", "workers", "shm", "kernels", "sampling"}
-LEAVES = {"enginecore.config", "enginecore.protocol", "sampling.params"}
+LEAVES = {"enginecore.config", "enginecore.lora_adapter", "enginecore.protocol", "sampling.params"}
 THIRD_PARTY_BANNED = {"torch", "triton", "transformers"}
 
 

@@ -11,7 +11,7 @@ name (same switch). Resolvers form a small registry (`register_lora_resolver`, c
 that `--lora-resolver-plugin` imports); the built-in filesystem resolver serves
 `$TLS_LORA_RESOLVER_CACHE_DIR/<name>/` when that variable is set.
 
-Adapters are checked here, without torch (`enginecore.config.inspect_lora_adapter`: files,
+Adapters are checked here, without torch (`enginecore.lora_adapter.inspect_lora_adapter`: files,
 rank <= max_lora_rank, supported modules, shapes against the base model), so a bad adapter is a
 400 for its request, never a worker failure. Workers load an adapter from its path on first use.
 """
@@ -26,7 +26,8 @@ from typing import Protocol
 
 import msgspec
 
-from enginecore.config import EngineConfig, Env, inspect_lora_adapter
+from enginecore.config import EngineConfig, Env
+from enginecore.lora_adapter import inspect_lora_adapter
 from enginecore.protocol import LoRARef
 from frontend.registry import import_plugin
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import msgspec
 
-from enginecore.config import EngineConfig, inspect_lora_adapter
+from enginecore.config import EngineConfig
+from enginecore.lora_adapter import inspect_lora_adapter
 from enginecore.protocol import AddRequest, LoRARef, MMInput, PromptEmbeds
 from frontend.multimodal import MultiModalProcessor
 from frontend.prompt_embeds import FLAG_OFF, tensor_to_prompt_embeds

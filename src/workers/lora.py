@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from enginecore.config import EngineConfig, inspect_lora_adapter, lora_module_shapes
+from enginecore.config import EngineConfig
+from enginecore.lora_adapter import inspect_lora_adapter, lora_module_shapes
 from enginecore.protocol import LoRARef
 from workers.lora_layers import LORA_PACKED_TARGETS, LoRABatch, wrap_lora_layers
 from workers.models import read_hf_config

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from enginecore.config import EngineConfig, Env, LoRAConfig, inspect_lora_adapter
+from enginecore.config import EngineConfig, Env, LoRAConfig
+from enginecore.lora_adapter import inspect_lora_adapter
 from enginecore.protocol import (
     AddRequest,
     CachedReqs,
