@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -242,36 +242,47 @@ def _flatten(token_lists: list[list[int]], device: torch.device) -> tuple[Tensor
     return rows, ids
 
 
-class MinTokensLogitsProcessor(LogitsProcessor):
-    """min_tokens on the batch-level interface: ban stop ids (and EOS unless ignore_eos) while a
-    row has fewer than min_tokens outputs."""
+class _SparseRowsProcessor(LogitsProcessor):
+    """A built-in that keeps one value per batch row whose params use it (`_row_value`), in
+    `_rows` {batch index: value}; `_rows_changed` drops whatever the subclass derived from them."""
 
     def __init__(self, config: ProcessorContext, device: torch.device,
                  is_pin_memory: bool) -> None:
         super().__init__(config, device, is_pin_memory)
-        self._rows: dict[int, tuple[int, list[int], list[int]]] = {}  # min, stops, live outputs
+        self._rows: dict[int, Any] = {}
+
+    @property
+    def in_use(self) -> bool:
+        """Whether any row uses it (BatchLogits skips idle built-ins)."""
+        return bool(self._rows)
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        """Track the rows whose `_row_value` is not None."""
+        if update_sparse_state(self._rows, batch_update, self._row_value):
+            self._rows_changed()
+
+    def _row_value(self, params: SamplingParams, prompt: list[int], output: list[int]) -> Any:
+        raise NotImplementedError
+
+    def _rows_changed(self) -> None:
+        pass
+
+
+class MinTokensLogitsProcessor(_SparseRowsProcessor):
+    """min_tokens on the batch-level interface: ban stop ids (and EOS unless ignore_eos) while a
+    row has fewer than min_tokens outputs. Row value: (min_tokens, stop ids, live output list)."""
 
     def is_argmax_invariant(self) -> bool:
         """Bans can remove the argmax."""
         return False
 
-    @property
-    def in_use(self) -> bool:
-        """Whether any row has min_tokens (BatchLogits skips idle built-ins)."""
-        return bool(self._rows)
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        """Track rows whose min_tokens is set."""
-        eos = list(self.config.eos_token_ids)
-
-        def make(p: SamplingParams, _prompt: list[int], output: list[int]):
-            if p.min_tokens <= 0:
-                return None
-            # With ignore_eos, EOS is an ordinary token (it cannot end the request).
-            stops = list(p.stop_token_ids) if p.ignore_eos else [*eos, *p.stop_token_ids]
-            return (p.min_tokens, stops, output) if stops else None
-
-        update_sparse_state(self._rows, batch_update, make)
+    def _row_value(self, p: SamplingParams, _prompt: list[int], output: list[int]):
+        if p.min_tokens <= 0:
+            return None
+        # With ignore_eos, EOS is an ordinary token (it cannot end the request).
+        eos = self.config.eos_token_ids
+        stops = list(p.stop_token_ids) if p.ignore_eos else [*eos, *p.stop_token_ids]
+        return (p.min_tokens, stops, output) if stops else None
 
     def apply(self, logits: Tensor) -> Tensor:
         """-inf on the stop ids of rows still short of min_tokens."""
@@ -283,31 +294,23 @@ class MinTokensLogitsProcessor(LogitsProcessor):
         return logits
 
 
-class LogitBiasLogitsProcessor(LogitsProcessor):
+class LogitBiasLogitsProcessor(_SparseRowsProcessor):
     """logit_bias on the batch-level interface: additive per-(row, token) offsets."""
 
     def __init__(self, config: ProcessorContext, device: torch.device,
                  is_pin_memory: bool) -> None:
         super().__init__(config, device, is_pin_memory)
-        self._rows: dict[int, dict[int, float]] = {}
         self._bias: LogitBias | None = None  # rebuilt only when the rows change
 
     def is_argmax_invariant(self) -> bool:
         """Biases can change the argmax."""
         return False
 
-    @property
-    def in_use(self) -> bool:
-        """Whether any row has a logit_bias."""
-        return bool(self._rows)
+    def _row_value(self, p: SamplingParams, _prompt: list[int], _output: list[int]):
+        return p.logit_bias or None
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        """Track rows with a non-empty logit_bias."""
-        def make(p: SamplingParams, _prompt: list[int], _output: list[int]):
-            return p.logit_bias or None
-
-        if update_sparse_state(self._rows, batch_update, make):
-            self._bias = None
+    def _rows_changed(self) -> None:
+        self._bias = None
 
     def apply(self, logits: Tensor) -> Tensor:
         """Add every tracked row's biases."""
@@ -323,7 +326,7 @@ class LogitBiasLogitsProcessor(LogitsProcessor):
         return logits
 
 
-class MinPLogitsProcessor(LogitsProcessor):
+class MinPLogitsProcessor(_SparseRowsProcessor):
     """min_p on the batch-level interface: -inf below min_p times the row's top probability.
 
     Argmax-invariant, so the sampler runs it after temperature and top-k/top-p, on random rows.
@@ -332,25 +335,18 @@ class MinPLogitsProcessor(LogitsProcessor):
     def __init__(self, config: ProcessorContext, device: torch.device,
                  is_pin_memory: bool) -> None:
         super().__init__(config, device, is_pin_memory)
-        self._rows: dict[int, float] = {}
         self._min_p: Tensor | None = None  # [B] float32, rebuilt when the rows change
 
     def is_argmax_invariant(self) -> bool:
         """The top token always survives."""
         return True
 
-    @property
-    def in_use(self) -> bool:
-        """Whether any row has min_p."""
-        return bool(self._rows)
+    def _row_value(self, p: SamplingParams, _prompt: list[int], _output: list[int]):
+        # Greedy rows never sample, so they are left out.
+        return p.min_p if p.min_p and not p.greedy else None
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        """Track rows with min_p > 0 (greedy rows never sample, so they are left out)."""
-        def make(p: SamplingParams, _prompt: list[int], _output: list[int]):
-            return p.min_p if p.min_p and not p.greedy else None
-
-        if update_sparse_state(self._rows, batch_update, make):
-            self._min_p = None
+    def _rows_changed(self) -> None:
+        self._min_p = None
 
     def apply(self, logits: Tensor) -> Tensor:
         """Mask the low-probability tail of the tracked rows."""
