@@ -193,39 +193,51 @@ def test_bad_input_raises_clear_errors(tiny_models):
         assert len(out.outputs[0].token_ids) == 3
 
 
-def _worker_pids(core_pid: int) -> list[int]:
+def worker_pids(core_pid: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes an engine core started."""
     with open(f"/proc/{core_pid}/task/{core_pid}/children") as f:
         children = [int(x) for x in f.read().split()]
-    pids = []
+    pids = {}
     for pid in children:  # skip helpers such as multiprocessing's resource tracker
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"workers" in f.read().split(b"\0"):
-                pids.append(pid)
+            argv = f.read().split(b"\0")
+        if b"workers" in argv:
+            pids[int(argv[argv.index(b"--rank") + 1])] = pid
     return pids
+
+
+def kill_during_generate(llm: LLM, prompts: list, params: SamplingParams, victim: int,
+                         join_timeout: float) -> tuple[dict, float]:
+    """Run a long generate in a thread, SIGKILL `victim` a second in, wait for the call to end.
+
+    Returns ({"error": the exception raised, "t": when generate returned}, kill time); asserts
+    the call did not hang."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - the caller inspects it
+            result["error"] = exc
+        result["t"] = time.monotonic()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=join_timeout)
+    assert not thread.is_alive(), "generate hung after a worker died"
+    return result, killed_at
 
 
 def test_killed_worker_fails_generate_quickly(tiny_models):
     llm = LLM(tiny_models["qwen3"])
     try:
-        core_pid = llm.engine.core.proc.pid
-        (worker_pid,) = _worker_pids(core_pid)
-        result: dict = {}
-
-        def run() -> None:
-            try:
-                llm.generate(random_prompts(8, seed=8), greedy(2000, ignore_eos=True),
-                             use_tqdm=False)
-            except Exception as exc:  # noqa: BLE001 - the test inspects it
-                result["error"] = exc
-            result["t"] = time.monotonic()
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        time.sleep(1.0)
-        killed_at = time.monotonic()
-        os.kill(worker_pid, signal.SIGKILL)
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "generate hung after the worker died"
+        pids = worker_pids(llm.engine.core.proc.pid)
+        assert list(pids) == [0]
+        result, killed_at = kill_during_generate(
+            llm, random_prompts(8, seed=8), greedy(2000, ignore_eos=True), pids[0], 10)
         assert isinstance(result.get("error"), EngineDeadError)
         assert "worker" in str(result["error"]) or "engine" in str(result["error"])
         assert result["t"] - killed_at < 5.0

@@ -14,16 +14,13 @@ Process startup dominates: keep the case list short.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import signal
-import threading
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_engine import kill_during_generate, worker_pids
 from transformers import AutoModelForCausalLM
 
 from frontend import LLM, EngineDeadError, SamplingParams
@@ -108,17 +105,6 @@ def test_tp2_greedy_and_logprobs_match_transformers(case: str, checkpoints: dict
             assert abs(position[token].logprob - ref[i, token].item()) < ATOL, (case, i)
 
 
-def _rank_pid(core_pid: int, rank: int) -> int:
-    with open(f"/proc/{core_pid}/task/{core_pid}/children") as f:
-        children = [int(x) for x in f.read().split()]
-    for pid in children:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        if b"workers" in argv and argv[argv.index(b"--rank") + 1] == str(rank).encode():
-            return pid
-    raise AssertionError(f"no worker of rank {rank} under pid {core_pid}")
-
-
 def test_rank_0_grammar_and_seeds_then_killed_rank_1_fails_quickly(checkpoints: dict) -> None:
     # Rank 0 is then stuck in a collective that will never complete: the executor must notice
     # rank 1's death itself rather than wait for rank 0's answer.
@@ -133,24 +119,10 @@ def test_rank_0_grammar_and_seeds_then_killed_rank_1_fails_quickly(checkpoints: 
         assert re.fullmatch("(yes|no)[0-9]{2}", first[0].outputs[0].text), first[0].outputs[0]
         again = llm.generate(["world"], free, use_tqdm=False)
         assert again[0].outputs[0].token_ids == first[1].outputs[0].token_ids
-        victim = _rank_pid(llm.engine.core.proc.pid, rank=1)
-        result: dict = {}
-
-        def run() -> None:
-            try:
-                llm.generate(_prompts(seed=3), SamplingParams(temperature=0.0, max_tokens=5000,
-                                                              ignore_eos=True), use_tqdm=False)
-            except Exception as exc:  # noqa: BLE001 - the test inspects it
-                result["error"] = exc
-            result["t"] = time.monotonic()
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        time.sleep(1.0)
-        killed_at = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        thread.join(timeout=15)
-        assert not thread.is_alive(), "generate hung after a rank died"
+        victim = worker_pids(llm.engine.core.proc.pid)[1]
+        result, killed_at = kill_during_generate(
+            llm, _prompts(seed=3),
+            SamplingParams(temperature=0.0, max_tokens=5000, ignore_eos=True), victim, 15)
         assert isinstance(result.get("error"), EngineDeadError), result
         assert "worker 1" in str(result["error"])
         assert result["t"] - killed_at < 10.0
