@@ -35,7 +35,7 @@ def make_adapters(model_dir: str, count: int, rank: int, seed: int) -> list[str]
     import torch
     from safetensors.torch import save_file
 
-    from enginecore.config import lora_module_shapes
+    from enginecore.lora_adapter import lora_module_shapes
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     shapes = lora_module_shapes(cfg)

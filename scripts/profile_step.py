@@ -10,16 +10,21 @@ alone (CUDA events), and the sampler; then a torch.profiler kernel table for one
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
+import sys
 import time
 
 import msgspec
+import numpy as np
 import torch
 from bench_throughput import make_preset
 
 from enginecore.config import EngineConfig
 from enginecore.protocol import CachedReqs, ExecuteStep, NewReq, StepResult
 from sampling.params import SamplingParams, StructuredOutputsParams
+from sampling.structured import fill_bitmasks
 from workers.runner import ModelRunner
 
 
@@ -32,7 +37,15 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--structured-fraction", type=float, default=0.0,
                     help="fraction of the requests constrained by the regex [a-z ,.]*")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="also print the host functions the sampling piece spends time in")
+    ap.add_argument("--inline-fill", action="store_true",
+                    help="fill the grammar bitmask on the sampling thread, not a helper thread")
+    ap.add_argument("--switch-interval", type=float,
+                    help="sys.setswitchinterval (seconds) for the run")
     args = ap.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     bs, ctx = args.batch_size, args.context
     cfg = EngineConfig.create(make_preset(args.preset), load_format="dummy", max_model_len=4096,
                               max_num_seqs=max(bs, 1), max_num_batched_tokens=max(8192, bs))
@@ -40,6 +53,7 @@ def main() -> None:
     block = cfg.cache.block_size
     per_req = (ctx + 3 * args.steps + 8 + block) // block  # room for every step below
     runner.init_kv_cache(bs * per_req + 1)
+    runner.sampler.bitmask.threaded = not args.inline_fill
     free = SamplingParams(temperature=args.temperature, max_tokens=4096, ignore_eos=True)
     constrained = msgspec.structs.replace(
         free, structured_outputs=StructuredOutputsParams(regex="[a-z ,.]*"))
@@ -65,7 +79,8 @@ def main() -> None:
             computed[r] += 1
         return ExecuteStep(step_id, [], cached, {r: 1 for r in ids})
 
-    totals, prep, replay, sample = [], [], [], []
+    totals, prep, replay, sample, flush, fill = [], [], [], [], [], []
+    host_profile = cProfile.Profile()
     for _ in range(args.steps):
         step = decode_step()
         torch.cuda.synchronize()
@@ -85,8 +100,22 @@ def main() -> None:
         end.record()
         torch.cuda.synchronize()
         replay.append(start.elapsed_time(end) / 1e3)
+        grammars = [r.grammar for r in inputs.sample_reqs if r.grammar is not None]
+        if grammars:  # the grammar work alone, on this thread: advance matchers, fill masks
+            t0 = time.perf_counter()
+            for g in grammars:
+                g.is_active  # noqa: B018 - consumes the deferred tokens
+            flush.append(time.perf_counter() - t0)
+            scratch = np.zeros((len(grammars), -(-runner.sampler.vocab_size // 32)), np.int32)
+            t0 = time.perf_counter()
+            fill_bitmasks(grammars, scratch)
+            fill.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
+        if args.cprofile:
+            host_profile.enable()
         runner._sample(hidden, inputs, StepResult(step_id=0, req_ids=[], sampled=[]))
+        if args.cprofile:
+            host_profile.disable()
         sample.append(time.perf_counter() - t0)
 
     def ms(xs: list[float]) -> str:
@@ -95,6 +124,11 @@ def main() -> None:
     print(f"{args.preset} bs={bs} ctx={ctx} constrained={frac}: execute {ms(totals)} | "
           f"prepare {ms(prep)} | "
           f"forward (GPU) {ms(replay)} | logits+sample (host, incl. sync) {ms(sample)}")
+    if fill:
+        print(f"grammar work alone ({len(grammars)} rows, main thread): advance matchers "
+              f"{ms(flush)} | fill bitmask {ms(fill)}")
+    if args.cprofile:
+        pstats.Stats(host_profile).sort_stats("tottime").print_stats(20)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):

@@ -13,34 +13,40 @@ expand launch writes every slice, each output tile reading its own slice's colum
 
 Tokens are grouped by slot, Punica's segmented (SGMV) layout: `sorted_token_ids` lists the tokens
 of slot 0, then slot 1, ...; slot s owns sorted_token_ids[seg_start[s] : seg_start[s + 1]]. Tokens
-with no adapter belong to no segment and are never touched. Both come from `lora_segments` (or
-from host-side numpy in the workers, into persistent device buffers).
+with no adapter belong to no segment and are never touched. Segments are cut into row tiles of
+TILE_M tokens, listed in a tile table: `tiles[i] = (slot, start, end)` (slot -1: no tile). Both
+come from `lora_segments` / `lora_tiles` (or from host-side numpy in the workers, into persistent
+device buffers).
 
 One kernel does both: a gathered, segmented GEMM `out[tok] (+)= x[tok] @ W[slot]^T`. The grid is
-(cdiv(T, BLOCK_M) * SPLIT_K, cdiv(N, BLOCK_N), S); a program whose tile starts past its slot's
-segment returns at once. The grid depends on T and the shapes only, never on how tokens spread
-over adapters, and T is not a compile-time constant (K, a model dimension, is): no
-recompilation per batch or sequence length, and a CUDA graph captured at T replays any segment
-layout of T tokens.
+(tiles * SPLIT_K, cdiv(N, BLOCK_N)): one program per (row tile, reduction split, column tile).
+An eager launch knows the step's tile count; a CUDA graph captured at T tokens launches the bound
+T // TILE_M + S, which covers every way T tokens can spread over S slots, and the programs of
+unused table entries return at once (a T-row grid per slot would start S times as many). T is
+not a compile-time constant (K, a model dimension, is): no recompilation per batch or sequence
+length, and a graph captured at T replays any segment layout of up to T tokens.
 
 Shrink reduces over the hidden size (thousands) into a narrow output (the rank): it splits the
-reduction SPLIT_K ways (atomic adds into the zeroed fp32 output) so that enough programs run.
+reduction SPLIT_K ways so that enough programs run, each writing its own plane of partial sums
+[SPLIT_K, T, R] (no zero-fill, no atomics); expand adds the planes as it loads them.
 
 Dimension legend:
     T tokens, K reduced size (hidden size for shrink, rank for expand), N output columns,
-    S adapter slots, R (padded) rank
+    S adapter slots, R (padded) rank, P partial-sum planes (shrink's SPLIT_K)
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-# Tuning: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps). BLOCK_M is small: at decode a slot
-# owns few tokens. Shrink's N is the rank (narrow), its K the hidden size (long, split).
-SHRINK_CONFIG = (16, 64, 128, 8, 4)
-EXPAND_CONFIG = (16, 128, 32, 1, 4)
+# Row tile: small, since at decode a slot owns few tokens. Tuning per kernel: (BLOCK_N, BLOCK_K,
+# SPLIT_K, num_warps). Shrink's N is the rank (narrow), its K the hidden size (long, split).
+TILE_M = 16
+SHRINK_CONFIG = (64, 128, 8, 4)
+EXPAND_CONFIG = (128, 32, 1, 4)
 _MIN_DOT = 16  # tl.dot needs every block dim >= 16
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,6 +64,33 @@ def lora_segments(token_slots: torch.Tensor, num_slots: int) -> tuple[torch.Tens
     seg_start = torch.zeros(num_slots + 1, dtype=torch.int32, device=slots.device)
     seg_start[1:] = torch.cumsum(counts[:num_slots], 0).to(torch.int32)
     return order.to(torch.int32), seg_start
+
+
+def max_lora_tiles(num_tokens: int, num_slots: int) -> int:
+    """Most row tiles `num_tokens` tokens can need, however they spread over the slots."""
+    return num_tokens // TILE_M + num_slots
+
+
+def fill_lora_tiles(seg_start: np.ndarray, tiles: np.ndarray) -> int:
+    """Write the row tiles of the segments `seg_start` [S + 1] into `tiles` [>= count, 3]
+    int32 as (slot, start, end), the rest (-1, 0, 0); return the tile count."""
+    starts = np.asarray(seg_start, dtype=np.int64)
+    counts = -(-(starts[1:] - starts[:-1]) // TILE_M)  # tiles per slot
+    n = int(counts.sum())
+    slot = np.repeat(np.arange(len(counts)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)  # each tile's slot's first tile
+    lo = starts[:-1][slot] + (np.arange(n) - first) * TILE_M
+    tiles[:n, 0], tiles[:n, 1] = slot, lo
+    tiles[:n, 2] = np.minimum(lo + TILE_M, starts[1:][slot])
+    tiles[n:] = (-1, 0, 0)
+    return n
+
+
+def lora_tiles(seg_start: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The tile table of `seg_start` for up to `num_tokens` tokens: [bound, 3] int32."""
+    tiles = np.empty((max_lora_tiles(num_tokens, seg_start.shape[0] - 1), 3), dtype=np.int32)
+    fill_lora_tiles(seg_start.cpu().numpy(), tiles)
+    return torch.from_numpy(tiles).to(seg_start.device)
 
 
 def lora_shrink_ref(x: torch.Tensor, weights: torch.Tensor,
@@ -97,21 +130,21 @@ def lora_expand_ref(out: torch.Tensor, t: torch.Tensor, weights: torch.Tensor,
 
 
 @triton.jit
-def _sgmv_kernel(x_ptr, w_ptr, out_ptr, token_ids_ptr, seg_start_ptr, N, slice1, slice2,
-                 stride_xt, stride_xk, stride_ws, stride_wn, stride_wk, stride_ot, stride_on,
-                 scale, num_m_tiles, K: tl.constexpr,
-                 ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sgmv_kernel(x_ptr, w_ptr, out_ptr, token_ids_ptr, tiles_ptr, N, slice1, slice2,
+                 stride_xp, stride_xt, stride_xk, stride_ws, stride_wn, stride_wk,
+                 stride_op, stride_ot, stride_on, scale, num_tiles, K: tl.constexpr,
+                 X_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr,
+                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
-    pid_m, pid_k = pid % num_m_tiles, pid // num_m_tiles
-    slot = tl.program_id(2)
-    seg_lo = tl.load(seg_start_ptr + slot)
-    seg_hi = tl.load(seg_start_ptr + slot + 1)
-    m0 = seg_lo + pid_m * BLOCK_M
-    if m0 >= seg_hi:
+    tile, pid_k = pid % num_tiles, pid // num_tiles
+    slot = tl.load(tiles_ptr + tile * 3)
+    if slot < 0:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seg_hi
+    lo = tl.load(tiles_ptr + tile * 3 + 1)
+    hi = tl.load(tiles_ptr + tile * 3 + 2)
+    offs_m = lo + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < hi
     tok = tl.load(token_ids_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -125,8 +158,11 @@ def _sgmv_kernel(x_ptr, w_ptr, out_ptr, token_ids_ptr, seg_start_ptr, N, slice1,
     for k0 in range(0, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(x_base + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a_ptrs = x_base + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+        for p in tl.static_range(1, X_PARTS):  # expand: add shrink's partial-sum planes
+            a += tl.load(a_ptrs + p * stride_xp, mask=a_mask, other=0.0).to(tl.float32)
         b = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
         a = a.to(b.dtype)
@@ -135,25 +171,25 @@ def _sgmv_kernel(x_ptr, w_ptr, out_ptr, token_ids_ptr, seg_start_ptr, N, slice1,
         else:
             acc += tl.dot(a, b)
     acc = acc * scale
-    out_ptrs = out_ptr + tok[:, None] * stride_ot + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + pid_k * stride_op + tok[:, None] * stride_ot + offs_n[None, :] * stride_on
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptrs, acc, mask=mask)  # fp32 output, zeroed by the launcher
-    else:
-        if ACCUMULATE:
-            acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
-            sorted_token_ids: torch.Tensor, seg_start: torch.Tensor, scale: float,
-            accumulate: bool, config: tuple[int, int, int, int, int],
-            slice_sizes: list[int] | None = None, max_segment: int | None = None) -> None:
-    num_tokens = x.shape[0] if max_segment is None else min(x.shape[0], max_segment)
+            sorted_token_ids: torch.Tensor, tiles: torch.Tensor, num_tiles: int | None,
+            scale: float, accumulate: bool, config: tuple[int, int, int, int],
+            slice_sizes: list[int] | None = None) -> None:
+    """x [P, T, K] (P partial planes, summed on load), out [SPLIT_K, T, N] or [T, N]."""
+    num_tokens = x.shape[1]
     num_slots, n, k = weights.shape
-    if num_tokens == 0 or n == 0:
+    bound = min(max_lora_tiles(num_tokens, num_slots), tiles.shape[0])
+    num_tiles = bound if num_tiles is None else min(num_tiles, bound)
+    if num_tokens == 0 or n == 0 or num_tiles == 0:
         return
-    block_m, block_n, block_k, split_k, num_warps = config
+    block_n, block_k, split_k, num_warps = config
     block_n = max(_MIN_DOT, min(block_n, triton.next_power_of_2(n)))
     sizes = slice_sizes or [n]
     assert 1 <= len(sizes) <= 3 and sum(sizes) == n, (sizes, n)
@@ -162,56 +198,68 @@ def _launch(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
         block_n //= 2
     assert block_n >= _MIN_DOT, f"slice sizes {sizes} must be multiples of {_MIN_DOT}"
     block_k = max(_MIN_DOT, min(block_k, triton.next_power_of_2(k)))
-    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
-    num_m_tiles = triton.cdiv(num_tokens, block_m)
-    grid = (num_m_tiles * split_k, triton.cdiv(n, block_n), num_slots)
+    split_k = out.shape[0] if out.dim() == 3 else 1
+    stride_op = out.stride(0) if out.dim() == 3 else 0
+    grid = (num_tiles * split_k, triton.cdiv(n, block_n))
     _sgmv_kernel[grid](
-        x, weights, out, sorted_token_ids, seg_start, n, min(bounds[0], n), min(bounds[1], n),
-        x.stride(0), x.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
-        out.stride(0), out.stride(1), scale, num_m_tiles, K=k,
-        ACCUMULATE=accumulate, SPLIT_K=split_k, IEEE=weights.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+        x, weights, out, sorted_token_ids, tiles, n, min(bounds[0], n), min(bounds[1], n),
+        x.stride(0), x.stride(1), x.stride(2), weights.stride(0), weights.stride(1),
+        weights.stride(2), stride_op, out.stride(-2), out.stride(-1), scale, num_tiles, K=k,
+        X_PARTS=x.shape[0], ACCUMULATE=accumulate, SPLIT_K=split_k,
+        IEEE=weights.dtype == torch.float32, BLOCK_M=TILE_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps)
+
+
+def shrink_splits(hidden_size: int) -> int:
+    """How many partial planes `lora_shrink` writes for a reduction over `hidden_size`."""
+    _, block_k, split_k, _ = SHRINK_CONFIG
+    block_k = max(_MIN_DOT, min(block_k, triton.next_power_of_2(hidden_size)))
+    return max(1, min(split_k, triton.cdiv(hidden_size, block_k)))
 
 
 def _check(x: torch.Tensor, weights: torch.Tensor, sorted_token_ids: torch.Tensor,
-           seg_start: torch.Tensor, num_slices: int = 1) -> None:
-    assert x.dim() == 2 and weights.dim() == 3, (x.shape, weights.shape)
-    assert x.shape[1] == weights.shape[2] * num_slices, (x.shape, weights.shape, num_slices)
+           tiles: torch.Tensor, num_slices: int = 1) -> None:
+    assert x.dim() == 3 and weights.dim() == 3, (x.shape, weights.shape)
+    assert x.shape[2] == weights.shape[2] * num_slices, (x.shape, weights.shape, num_slices)
     assert weights.dtype in _FLOAT_DTYPES and x.dtype in _FLOAT_DTYPES, (x.dtype, weights.dtype)
-    assert sorted_token_ids.dtype == torch.int32 and seg_start.dtype == torch.int32
-    assert sorted_token_ids.shape[0] >= x.shape[0], (sorted_token_ids.shape, x.shape)
-    assert seg_start.shape[0] >= weights.shape[0] + 1, (seg_start.shape, weights.shape)
-    assert x.device == weights.device == sorted_token_ids.device == seg_start.device
+    assert sorted_token_ids.dtype == torch.int32 and tiles.dtype == torch.int32
+    assert sorted_token_ids.shape[0] >= x.shape[1], (sorted_token_ids.shape, x.shape)
+    assert tiles.dim() == 2 and tiles.shape[1] == 3 and tiles.is_contiguous(), tiles.shape
+    assert x.device == weights.device == sorted_token_ids.device == tiles.device
 
 
 def lora_shrink(x: torch.Tensor, weights: torch.Tensor, sorted_token_ids: torch.Tensor,
-                seg_start: torch.Tensor, max_segment: int | None = None) -> torch.Tensor:
-    """Triton `lora_shrink_ref` over segments: x [T, K], weights [S, R, K] -> fp32 [T, R].
+                tiles: torch.Tensor, num_tiles: int | None = None) -> torch.Tensor:
+    """Triton `lora_shrink_ref` over segments: x [T, K], weights [S, R, K] -> fp32 partial
+    sums [P, T, R] (P = `shrink_splits(K)`): their sum over P is x @ A[slot]^T for the tokens
+    of a segment; rows of tokens without an adapter are left unwritten.
 
-    max_segment: the longest slot segment when the caller knows it (host int); the grid then
-    covers only that many rows per slot instead of all T (programs past a segment's end exit,
-    but with S slots a T-row grid launches S times the programs any step can use).
+    num_tiles: the tile table's entry count when the caller knows it (host int, eager
+    launches); None launches the bound for T tokens (what a CUDA graph must capture).
     """
-    _check(x, weights, sorted_token_ids, seg_start)
-    out = torch.zeros((x.shape[0], weights.shape[1]), dtype=torch.float32, device=x.device)
-    _launch(x, weights, out, sorted_token_ids, seg_start, 1.0, False, SHRINK_CONFIG,
-            max_segment=max_segment)
+    _check(x[None], weights, sorted_token_ids, tiles)
+    out = torch.empty((shrink_splits(x.shape[1]), x.shape[0], weights.shape[1]),
+                      dtype=torch.float32, device=x.device)
+    _launch(x[None], weights, out, sorted_token_ids, tiles, num_tiles, 1.0, False,
+            SHRINK_CONFIG)
     return out
 
 
 def lora_expand(out: torch.Tensor, t: torch.Tensor, weights: torch.Tensor,
-                sorted_token_ids: torch.Tensor, seg_start: torch.Tensor,
+                sorted_token_ids: torch.Tensor, tiles: torch.Tensor,
                 slice_sizes: list[int] | None = None, scale: float = 1.0,
-                max_segment: int | None = None) -> None:
+                num_tiles: int | None = None) -> None:
     """Triton `lora_expand_ref` over segments, every slice in one launch: out [T, N] +=
-    scale * t [T, L*R] (slice l: columns l*R..) @ weights[slot]^T per slice, weights [S, N, R].
+    scale * t (slice l: columns l*R..) @ weights[slot]^T per slice, weights [S, N, R].
 
-    `out` may itself be a column slice of a wider tensor. Slice sizes must be multiples of 16.
-    max_segment: as in `lora_shrink`.
+    t: [T, L*R], or shrink's partial sums [P, T, L*R] (added up here). `out` may itself be a
+    column slice of a wider tensor. Slice sizes must be multiples of 16. num_tiles: as in
+    `lora_shrink`.
     """
+    t = t if t.dim() == 3 else t[None]
     num_slices = len(slice_sizes) if slice_sizes else 1
-    _check(t, weights, sorted_token_ids, seg_start, num_slices)
-    assert out.dim() == 2 and out.shape == (t.shape[0], weights.shape[1]), (out.shape, t.shape)
+    _check(t, weights, sorted_token_ids, tiles, num_slices)
+    assert out.dim() == 2 and out.shape == (t.shape[1], weights.shape[1]), (out.shape, t.shape)
     assert out.dtype in _FLOAT_DTYPES and out.device == t.device
-    _launch(t, weights, out, sorted_token_ids, seg_start, scale, True, EXPAND_CONFIG,
-            slice_sizes, max_segment)
+    _launch(t, weights, out, sorted_token_ids, tiles, num_tiles, scale, True, EXPAND_CONFIG,
+            slice_sizes)

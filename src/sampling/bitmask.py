@@ -27,8 +27,11 @@ from sampling.structured import RequestGrammar, fill_bitmasks
 class GrammarBitmask:
     """One worker's bitmask filler: pinned host rows, a copy-done event, one fill thread."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, threaded: bool = True) -> None:
         self.words = -(-vocab_size // 32)
+        # False: `take` fills on the calling thread (no hand-off; for measuring the thread's gain)
+        self.threaded = threaded
+        self._inline: tuple[list[RequestGrammar | None], torch.device] | None = None
         self._host: Tensor | None = None  # [rows, W] int32, pinned when the device is a GPU
         self._copied: torch.cuda.Event | None = None  # the last device copy out of `_host`
         self._pool: ThreadPoolExecutor | None = None
@@ -37,11 +40,14 @@ class GrammarBitmask:
     @property
     def pending(self) -> bool:
         """True between `start` and `take`."""
-        return self._job is not None
+        return self._job is not None or self._inline is not None
 
     def start(self, grammars: list[RequestGrammar | None], device: torch.device) -> None:
         """Begin filling the rows of `grammars` that are not None (row i = grammars[i])."""
-        assert self._job is None, "take() the previous bitmask first"
+        assert not self.pending, "take() the previous bitmask first"
+        if not self.threaded:
+            self._inline = (list(grammars), device)
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-bitmask")
         self._job = self._pool.submit(self._fill, list(grammars), device)
@@ -49,8 +55,9 @@ class GrammarBitmask:
     def take(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """(bitmask [M, W] int32, row indices [M] int64) on `device`; None: no row constrained."""
         job, self._job = self._job, None
-        assert job is not None, "start() first"
-        filled = job.result()
+        inline, self._inline = self._inline, None
+        assert job is not None or inline is not None, "start() first"
+        filled = job.result() if job is not None else self._fill(*inline)
         if filled is None:
             return None
         host, rows = filled

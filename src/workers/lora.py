@@ -7,7 +7,7 @@ is written to persistent device buffers that every `LoRALinear` reads (`workers/
 
     PEFT dir --load--> CPU cache (LRU, max_cpu_loras) --copy--> GPU slots (LRU, max_loras)
                                                                   |
-    step: requests' adapters -> slots -> token_slots [T] -> (sorted_token_ids, seg_start)
+    step: requests' adapters -> slots -> token_slots [T] -> (sorted_token_ids, tile table)
 
 The scheduler never puts more than max_loras distinct adapters in a step, so a step's adapters
 always fit; a slot is only evicted for an adapter of a later step (least recently used first).
@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from enginecore.config import EngineConfig
 from enginecore.lora_adapter import inspect_lora_adapter, lora_module_shapes
 from enginecore.protocol import LoRARef
+from kernels.lora import fill_lora_tiles, max_lora_tiles
 from workers.lora_layers import LORA_PACKED_TARGETS, LoRABatch, wrap_lora_layers
 from workers.models import read_hf_config
 
@@ -85,11 +86,12 @@ class LoRAManager:
 
         self._slots_np, self._slots_host, slots_dev = pair(max_tokens)
         self._ids_np, self._ids_host, ids_dev = pair(max_tokens)
-        self._seg_np, self._seg_host, seg_dev = pair(self.num_slots + 1)
-        seg_dev.zero_()
+        self._tiles_np, self._tiles_host, tiles_dev = pair(
+            max_lora_tiles(max_tokens, self.num_slots) * 3)
+        self._tiles_np = self._tiles_np.reshape(-1, 3)
         cuda = device.type == "cuda"
-        self.batch = LoRABatch(token_slots=slots_dev, sorted_token_ids=ids_dev, seg_start=seg_dev,
-                               active=cuda, kernels=cuda)
+        self.batch = LoRABatch(token_slots=slots_dev, sorted_token_ids=ids_dev,
+                               tiles=tiles_dev.view(-1, 3), active=cuda, kernels=cuda)
         shapes = lora_module_shapes(read_hf_config(self.model_dir))
         self.layers = wrap_lora_layers(model, shapes, self.num_slots, self.max_rank, self.batch,
                                        dtype)
@@ -121,9 +123,8 @@ class LoRAManager:
         token_slots = np.repeat(req_slots, num_scheduled)
         self._slots_np[:num_tokens] = token_slots
         counts = np.bincount(token_slots[token_slots >= 0], minlength=self.num_slots)
-        self.batch.max_segment = int(counts.max()) if counts.size else 0
-        self._seg_np[0] = 0
-        self._seg_np[1:] = np.cumsum(counts)
+        self.batch.num_tiles = fill_lora_tiles(np.concatenate([[0], np.cumsum(counts)]),
+                                               self._tiles_np)
         if in_use:
             # A stable sort by slot; tokens without an adapter (-1) sort first and are cut off.
             order = np.argsort(token_slots, kind="stable")[num_tokens - int(counts.sum()):]
@@ -132,7 +133,7 @@ class LoRAManager:
             self.batch.active = bool(in_use)
         nb = self.pin
         self.batch.token_slots[:num_tokens].copy_(self._slots_host[:num_tokens], non_blocking=nb)
-        self.batch.seg_start.copy_(self._seg_host, non_blocking=nb)
+        self.batch.tiles.view(-1).copy_(self._tiles_host, non_blocking=nb)
         if in_use:
             n = int(counts.sum())
             self.batch.sorted_token_ids[:n].copy_(self._ids_host[:n], non_blocking=nb)

@@ -34,15 +34,17 @@ class LoRABatch:
 
     token_slots: torch.Tensor  # [max_tokens] int32, -1: no adapter (torch reference path)
     sorted_token_ids: torch.Tensor  # [max_tokens] int32, tokens grouped by slot (kernel path)
-    seg_start: torch.Tensor  # [S + 1] int32: slot s owns sorted_token_ids[seg_start[s]:[s+1]]
+    # [max_lora_tiles(max_tokens, S), 3] int32: row tiles (slot, start, end) of the segments
+    # in sorted_token_ids, then (-1, 0, 0) (`kernels.lora.fill_lora_tiles`)
+    tiles: torch.Tensor
     # False skips the LoRA math for a step without adapters; always True on CUDA, where a
     # captured graph must contain the kernels (an adapter-free replay finds empty segments).
     active: bool = False
     # Triton kernels (CUDA; on CPU only under TRITON_INTERPRET, for tests), else the references.
     kernels: bool = False
-    # Host copy of the longest slot segment this step: eager launches size their grids to it.
-    # Ignored while a CUDA graph is captured (a replay may map every token to one slot).
-    max_segment: int | None = None
+    # Host count of this step's tiles: eager launches size their grids to it. Ignored while a
+    # CUDA graph is captured (the graph launches the bound for its token count).
+    num_tiles: int | None = None
 
 
 class LoRALinear(nn.Module):
@@ -86,13 +88,13 @@ class LoRALinear(nn.Module):
         if not batch.active:
             return y
         if batch.kernels:
-            ids, seg = batch.sorted_token_ids, batch.seg_start
-            rows = None if x.is_cuda and torch.cuda.is_current_stream_capturing() \
-                else batch.max_segment
-            if rows == 0:
+            ids, tiles = batch.sorted_token_ids, batch.tiles
+            num_tiles = None if x.is_cuda and torch.cuda.is_current_stream_capturing() \
+                else batch.num_tiles
+            if num_tiles == 0:
                 return y  # no token of this (eager) step has an adapter
-            t = lora_shrink(x, self.lora_a, ids, seg, rows)  # fp32 [T, L*R]
-            lora_expand(y, t, self.lora_b, ids, seg, self.slice_sizes, max_segment=rows)
+            t = lora_shrink(x, self.lora_a, ids, tiles, num_tiles)  # fp32 [P, T, L*R] partials
+            lora_expand(y, t, self.lora_b, ids, tiles, self.slice_sizes, num_tiles=num_tiles)
             return y
         slots = batch.token_slots[: x.shape[0]]
         t = lora_shrink_ref(x, self.lora_a, slots)

@@ -25,6 +25,7 @@ import torch
 from enginecore.config import EngineConfig
 from enginecore.protocol import ExecuteStep, LoRARef, MMInput, NewReq, StepResult, TokenLogprobs
 from sampling.batch_logits import BatchLogits
+from sampling.logits import to_device
 from sampling.logits_processor import ProcessorContext, load_logits_processors
 from sampling.params import SamplingParams
 from sampling.rejection import verify_drafts
@@ -416,7 +417,7 @@ class ModelRunner:
         rows = [row for i in verify for row in range(
             inputs.sample_rows[i] - len(reqs[i].spec_token_ids), inputs.sample_rows[i] + 1)]
         logits = self.model.compute_logits(
-            hidden.index_select(0, torch.tensor(rows, dtype=torch.int64, device=self.device)))
+            hidden.index_select(0, to_device(rows, torch.int64, self.device)))
         grammars = [r.grammar for r in verified]
         kept = verify_drafts(logits, [r.sampling for r in verified],
                              [r.spec_token_ids for r in verified],
@@ -440,7 +441,9 @@ class ModelRunner:
         """One token per request from its row of `hidden`, into `result`."""
         index = self.batch.index
         self.logits_processors.set_step_rows([index[r.req_id] for r in reqs])
-        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        # Pinned, non-blocking: a plain torch.tensor(..., device=cuda) copy waits for the
+        # forward to finish, and the sampler's host work (bitmask fill) would follow it.
+        rows = to_device(sample_rows, torch.int64, self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] fp32, rank 0
         out = None
         if logits is None:  # a TP rank > 0: receives rank 0's tokens (and NaN count)
@@ -494,8 +497,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[offset: offset + count])  # collective
             if logits is None:
                 continue  # a TP rank > 0: rank 0 answers
-            targets = torch.tensor(state.prompt_token_ids[start + 1: start + 1 + count],
-                                   dtype=torch.int64, device=self.device)
+            targets = to_device(state.prompt_token_ids[start + 1: start + 1 + count],
+                                torch.int64, self.device)
             k = state.sampling.prompt_logprobs or 0
             ids, lps, ranks = gather_logprobs(torch.log_softmax(logits, dim=-1), targets, k)
             out[state.req_id] = TokenLogprobs(token_ids=ids.tolist(), logprobs=lps.tolist(),
