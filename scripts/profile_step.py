@@ -39,8 +39,6 @@ def main() -> None:
                     help="fraction of the requests constrained by the regex [a-z ,.]*")
     ap.add_argument("--cprofile", action="store_true",
                     help="also print the host functions the sampling piece spends time in")
-    ap.add_argument("--inline-fill", action="store_true",
-                    help="fill the grammar bitmask on the sampling thread, not a helper thread")
     ap.add_argument("--switch-interval", type=float,
                     help="sys.setswitchinterval (seconds) for the run")
     args = ap.parse_args()
@@ -53,7 +51,6 @@ def main() -> None:
     block = cfg.cache.block_size
     per_req = (ctx + 3 * args.steps + 8 + block) // block  # room for every step below
     runner.init_kv_cache(bs * per_req + 1)
-    runner.sampler.bitmask.threaded = not args.inline_fill
     free = SamplingParams(temperature=args.temperature, max_tokens=4096, ignore_eos=True)
     constrained = msgspec.structs.replace(
         free, structured_outputs=StructuredOutputsParams(regex="[a-z ,.]*"))

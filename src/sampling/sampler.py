@@ -54,8 +54,8 @@ class SamplerOutput:
 class Sampler:
     """Batched sampler; the pipeline below runs in this order for every row.
 
-    0. grammar bitmask rows are filled on the CPU (llguidance, no GIL) on a background thread
-       (`sampling.bitmask`), started by the runner before the forward is launched
+    0. grammar bitmask rows are filled on the CPU (llguidance, no GIL) while the GPU still runs
+       the step's forward (`sampling.bitmask`)
     1. raw logprobs = log_softmax(logits), kept for the logprobs output (vLLM "raw_logprobs")
     1b. grammar bitmask: -inf on the tokens a constrained row's grammar forbids
     2. allowed_token_ids: -inf outside the row's whitelist
@@ -79,7 +79,7 @@ class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int]) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
-        self.bitmask = GrammarBitmask(vocab_size)  # the runner may `start` it before forward
+        self.bitmask = GrammarBitmask(vocab_size)
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample one token per row of `logits` [N, V]."""
@@ -87,11 +87,7 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape == (len(params), self.vocab_size), logits.shape
         assert len(batch.prompt_token_ids) == len(batch.output_token_ids) == len(params)
         assert len(batch.generators) == len(params)
-        bitmask = None
-        if batch.grammars:
-            if not self.bitmask.pending:
-                self.bitmask.start(batch.grammars, logits.device)
-            bitmask = self.bitmask.take(logits.device)
+        bitmask = self.bitmask.fill(batch.grammars, logits.device) if batch.grammars else None
         logits = logits.float()  # no-op for the fp32 logits the model returns
         asked = [p.logprobs for p in params if p.logprobs is not None]
         raw_logprobs = logits.log_softmax(dim=-1) if asked else None  # [N, V], before step 2

@@ -224,11 +224,6 @@ class ModelRunner:
         if not step.num_scheduled_tokens:
             return StepResult(step_id=step.step_id, req_ids=[], sampled=[])
         inputs = self._prepare_inputs(step)
-        if any(r.grammar is not None for r in inputs.sample_reqs) and not any(
-                r.spec_token_ids for r in inputs.sample_reqs):
-            # Filled on a background thread while this thread launches the forward (steps that
-            # verify drafts sample a subset of the rows: their sampler fills it in place).
-            self.sampler.bitmask.start([r.grammar for r in inputs.sample_reqs], self.device)
         hidden = self._forward(inputs)
         result = StepResult(step_id=step.step_id, req_ids=[], sampled=[], failed=inputs.failed)
         if inputs.prompt_lp:

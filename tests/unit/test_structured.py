@@ -203,7 +203,7 @@ def test_sampler_masks_constrained_rows_only(compiler):
                               key=lambda t: logits[1, t])
 
 
-def test_deferred_tokens_and_background_fill_match_eager_accept(compiler):
+def test_deferred_tokens_and_bitmask_fill_match_eager_accept(compiler):
     """defer_tokens + GrammarBitmask (the runner's path) gives the masks eager accept gives."""
     tok = compiler.tokenizer
     eager = compiler.compile(SO(regex="ab[0-9]{3}"))
@@ -213,10 +213,8 @@ def test_deferred_tokens_and_background_fill_match_eager_accept(compiler):
         ids = tok.tokenize_str(piece)
         eager.accept_tokens(ids)
         lazy.defer_tokens(ids)
-        filler.start([None, lazy], torch.device("cpu"))
-        assert filler.pending
-        bitmask, rows = filler.take(torch.device("cpu"))
-        assert not filler.pending and rows.tolist() == [1]
+        bitmask, rows = filler.fill([None, lazy], torch.device("cpu"))
+        assert rows.tolist() == [1]
         one = np.zeros((1, V_PAD // 32), dtype=np.int32)
         eager.fill_bitmask(one, 0)
         assert np.array_equal(bitmask[0].numpy(), one[0]), piece
@@ -224,9 +222,7 @@ def test_deferred_tokens_and_background_fill_match_eager_accept(compiler):
     assert lazy.is_terminated()  # consuming the deferred "3" completes the grammar
     lazy.defer_tokens(tok.tokenize_str("x"))
     lazy.rollback(1)  # the deferred token is consumed (rejected), then rolled back
-    filler.start([None, None], torch.device("cpu"))
-    assert filler.take(torch.device("cpu")) is None
-    filler.shutdown()
+    assert filler.fill([None, None], torch.device("cpu")) is None
 
 
 def test_bitmask_ref_against_a_python_loop():
