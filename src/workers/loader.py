@@ -13,7 +13,7 @@ architecture or a broken checkpoint, and fails loudly here rather than as garbag
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -45,17 +45,25 @@ def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]
                 yield name, f.get_tensor(name)
 
 
-def load_weights(model: nn.Module, model_dir: str | Path) -> None:
-    """Copy every checkpoint tensor into `model`; raise on a missing or unexpected tensor."""
+def load_weights(model: nn.Module, model_dir: str | Path,
+                 rename: Callable[[str], str | None] | None = None) -> None:
+    """Copy every checkpoint tensor into `model`; raise on a missing or unexpected tensor.
+
+    `rename` maps a checkpoint name to the model's name, or to None to skip the tensor (a
+    module loading one part of a checkpoint, e.g. the MTP layers of a target)."""
     mapping: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
     experts: dict[str, tuple[str, object]] = getattr(model, "expert_weights_mapping", {})
     ignored: set[str] = getattr(model, "ignored_weights", set())
+    ignored_prefixes: tuple[str, ...] = getattr(model, "ignored_weight_prefixes", ())
     params = dict(model.named_parameters())
     expected = _expected_shards(params, mapping)
     loaded: dict[str, set[object]] = {name: set() for name in params}
     for ckpt_name, tensor in iter_checkpoint(model_dir):
-        if ckpt_name.endswith("rotary_emb.inv_freq") or ckpt_name in ignored:
-            continue  # recomputed by the model / a duplicate of a tied weight
+        if rename is not None and (ckpt_name := rename(ckpt_name)) is None:
+            continue
+        if ckpt_name.endswith("rotary_emb.inv_freq") or ckpt_name in ignored or \
+                ckpt_name.startswith(ignored_prefixes):
+            continue  # recomputed by the model / a duplicate of a tied weight / MTP layers
         name, shard = _target(ckpt_name, mapping, experts)
         if name not in params:
             raise KeyError(f"unexpected tensor {ckpt_name!r} in checkpoint {str(model_dir)!r}")
