@@ -282,3 +282,61 @@ def test_mtp_greedy_identical_to_no_speculation(tiny_models, tmp_path, k):
     stats = _run_greedy(target, {"method": "mtp", "num_speculative_tokens": k},
                         tiny_models["llama"])
     assert len(stats.spec_accepted_per_pos) >= k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_eagle3_and_mtp_match_plain_decoding(tiny_models, tmp_path):
+    # On the GPU: Triton attention and CUDA graphs for plain decode steps, which must hand the
+    # EAGLE-3 head the aux hidden states of the replayed graph. fp32: greedy output unchanged.
+    target = add_mtp_layer(tiny_models["llama"], tmp_path / "mtp")
+    h = json.loads((Path(target) / "config.json").read_text())["hidden_size"]
+    head = make_eagle3_head(target, tmp_path / "e3", layer_ids=[0, 1], fc_in=2 * h)
+    batch = prompts(8, seed=3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    # penalties: a fallback request decodes without drafts, so pure decode steps (graphs) occur
+    mixed = [greedy] * 7 + [SamplingParams(temperature=0.0, max_tokens=24,
+                                           repetition_penalty=1.0, min_tokens=2)]
+    engine = dict(device="cuda", dtype="float32", block_size=16)
+    with LLM(target, **engine) as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(batch, greedy, use_tqdm=False)]
+    for spec in ({"method": "eagle3", "model": head, "num_speculative_tokens": 3},
+                 {"method": "mtp", "num_speculative_tokens": 2}):
+        with LLM(target, speculative_config=spec, **engine) as llm:
+            outs = llm.generate(batch, mixed, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outs] == ref, spec["method"]
+            stats = llm.get_stats()
+        assert stats.spec_num_drafts > 0, spec["method"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cuda_graph_replay_sets_aux_hidden(tiny_models):
+    # A decode step of 3 requests replayed from a captured graph leaves the same aux hidden
+    # states in `model.aux_hidden` as the eager forward of that step.
+    from workers.cudagraph import CudaGraphs
+    from workers.inputs import InputBuffers
+
+    dev = torch.device("cuda")
+    model = load_model(tiny_models["llama"], torch.float32, dev)
+    model.enable_aux_hidden((0, 1))
+    block = 16
+    shape = model.kv_cache_shape(16, block)
+    model.bind_kv_cache([torch.randn(shape, device=dev) for _ in range(model.num_layers)])
+    buf = InputBuffers(64, 8, 4, dev)
+    graphs = CudaGraphs(model, buf, 8)
+    graphs.capture()
+    n, seq = 3, [5, 17, 30]
+    buf.input_ids[:n] = [11, 22, 33]
+    buf.positions[:n] = [s - 1 for s in seq]
+    buf.query_start_loc[: n + 1] = range(n + 1)
+    buf.seq_lens[:n] = seq
+    buf.block_tables[:n, :2] = [[1, 2], [3, 4], [5, 6]]
+    buf.slot_mapping[:n] = [buf.block_tables[r, (s - 1) // block] * block + (s - 1) % block
+                            for r, s in enumerate(seq)]
+    hidden = graphs.replay(n, 2, graphs.bucket(n)).clone()
+    aux = model.aux_hidden.clone()
+    assert aux.shape == (n, 2 * model.args.hidden_size)
+    buf.copy_to_device(n, n, 2)
+    with torch.inference_mode(), set_forward_context(buf.metadata(n, n, 2, 1, max(seq))):
+        eager = model(buf.input_ids_dev[:n], buf.positions_dev[:n])
+    torch.testing.assert_close(hidden, eager)
+    torch.testing.assert_close(aux, model.aux_hidden)

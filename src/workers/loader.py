@@ -37,12 +37,15 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the checkpoint, one file open at a time."""
+def iter_checkpoint(model_dir: str | Path, keep: Callable[[str], bool] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint (those `keep` accepts: the others are
+    never read), one file open at a time."""
     for file in checkpoint_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if keep is None or keep(name):
+                    yield name, f.get_tensor(name)
 
 
 def load_weights(model: nn.Module, model_dir: str | Path,
@@ -58,12 +61,17 @@ def load_weights(model: nn.Module, model_dir: str | Path,
     params = dict(model.named_parameters())
     expected = _expected_shards(params, mapping)
     loaded: dict[str, set[object]] = {name: set() for name in params}
-    for ckpt_name, tensor in iter_checkpoint(model_dir):
-        if rename is not None and (ckpt_name := rename(ckpt_name)) is None:
-            continue
-        if ckpt_name.endswith("rotary_emb.inv_freq") or ckpt_name in ignored or \
-                ckpt_name.startswith(ignored_prefixes):
-            continue  # recomputed by the model / a duplicate of a tied weight / MTP layers
+
+    def wanted(name: str) -> bool:  # skipped tensors are never read from disk
+        return (rename is None or rename(name) is not None) and \
+            not name.startswith(ignored_prefixes)  # e.g. a target's MTP layers
+
+    for ckpt_name, tensor in iter_checkpoint(model_dir, wanted):
+        if rename is not None:
+            ckpt_name = rename(ckpt_name)
+            assert ckpt_name is not None
+        if ckpt_name.endswith("rotary_emb.inv_freq") or ckpt_name in ignored:
+            continue  # recomputed by the model / a duplicate of a tied weight
         name, shard = _target(ckpt_name, mapping, experts)
         if name not in params:
             raise KeyError(f"unexpected tensor {ckpt_name!r} in checkpoint {str(model_dir)!r}")
