@@ -119,11 +119,11 @@ def make_bigram_mtp_target(target_dir: str, out: Path) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def deep_llama(tmp_path_factory) -> str:
-    """A tiny Llama with 8 layers: default aux layer ids (2, 4, 5) are distinct."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("deep") / "llama", arch="llama",
-                                 num_hidden_layers=8)
+@pytest.fixture(scope="module", params=["llama", "qwen3_moe"])
+def deep_model(request, tmp_path_factory) -> str:
+    """A tiny model with 8 layers: default aux layer ids (2, 4, 5) are distinct."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("deep") / request.param,
+                                 arch=request.param, num_hidden_layers=8)
 
 
 def _prefill(model: torch.nn.Module, ids: list[int], *extra: torch.Tensor) -> torch.Tensor:
@@ -141,8 +141,8 @@ def _prefill(model: torch.nn.Module, ids: list[int], *extra: torch.Tensor) -> to
         return model(torch.tensor(ids), torch.arange(n), *extra)
 
 
-def test_aux_hidden_states_match_transformers(deep_llama):
-    target = load_model(deep_llama)
+def test_aux_hidden_states_match_transformers(deep_model):
+    target = load_model(deep_model)
     ids = prompts(1, seed=3)[0]
     plain = _prefill(target, ids)
     assert target.aux_hidden is None  # off: the plain forward keeps nothing
@@ -152,7 +152,7 @@ def test_aux_hidden_states_match_transformers(deep_llama):
     hidden = _prefill(target, ids)
     torch.testing.assert_close(hidden, plain)
     with torch.no_grad():
-        ref = hf_model(deep_llama)(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        ref = hf_model(deep_model)(torch.tensor([ids]), output_hidden_states=True).hidden_states
     expected = torch.cat([ref[i][0] for i in layers], dim=-1)
     torch.testing.assert_close(target.aux_hidden, expected, atol=1e-4, rtol=1e-4)
     target.enable_aux_hidden((0, 7))  # layer 0's input is the embedding

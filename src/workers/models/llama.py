@@ -207,6 +207,11 @@ class LlamaForCausalLM(nn.Module):
     }
     always_qkv_bias = False
     qk_norm = False
+    # EAGLE-3: layers whose input residual stream each forward also keeps (`enable_aux_hidden`);
+    # empty means the plain forward, no extra work. Models whose forward is their own say no.
+    supports_aux_hidden = True
+    aux_layers: tuple[int, ...] = ()
+    aux_hidden: torch.Tensor | None = None  # [T, len(aux_layers) * H], of the last forward
 
     def __init__(self, hf_config: dict, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -223,10 +228,6 @@ class LlamaForCausalLM(nn.Module):
         self.ignored_weight_prefixes = tuple(
             f"model.layers.{self.args.num_layers + i}."
             for i in range(int(hf_config.get("num_nextn_predict_layers") or 0)))
-        # EAGLE-3: layers whose input residual stream each forward also returns
-        # (`enable_aux_hidden`); empty means the plain forward, no extra work.
-        self.aux_layers: tuple[int, ...] = ()
-        self.aux_hidden: torch.Tensor | None = None  # [T, len(aux_layers) * H], last forward
 
     @property
     def num_layers(self) -> int:

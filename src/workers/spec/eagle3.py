@@ -139,10 +139,10 @@ def aux_layer_ids(hf_config: dict, target_layers: int) -> tuple[int, ...]:
 def load_eagle3(model_dir: str, target: nn.Module, dtype: torch.dtype,
                 device: torch.device) -> Eagle3Llama:
     """Build and load an EAGLE-3 head from `model_dir`; make `target` output its aux states."""
-    if not hasattr(target, "enable_aux_hidden"):
+    if not getattr(target, "supports_aux_hidden", False):
         raise ValueError(f"speculative_config.method 'eagle3': the target "
                          f"{type(target).__name__} cannot output auxiliary hidden states "
-                         "(supported: the Llama / Qwen2 / Qwen3 dense family)")
+                         "(supported: Llama / Qwen2 / Qwen3 and their MoE models)")
     hf_config = read_hf_config(model_dir)
     names = {_rename(n) for n in checkpoint_names(model_dir)}
     if "fc.weight" not in names:
