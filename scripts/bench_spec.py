@@ -62,7 +62,9 @@ def make_pair(preset: str, layers: int, noise: float) -> dict[str, str]:
     script = Path(__file__).resolve().parent / "make_spec_pair.py"
     done = subprocess.run([sys.executable, str(script), "--preset", preset, "--out", out,
                            "--draft-layers", str(layers), "--noise", str(noise),
-                           "--device", device], check=True, capture_output=True, text=True)
+                           "--device", device], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"make_spec_pair.py failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

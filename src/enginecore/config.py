@@ -372,6 +372,10 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                              f"runs unsharded), got {spec.draft_tensor_parallel_size}")
         if spec.method in ("draft_model", "eagle", "eagle3") and not spec.model:
             raise ValueError(f"speculative_config.model is required for method {spec.method!r}")
+        if spec.method == "mtp" and spec.model and \
+                Path(spec.model).resolve() != Path(self.model.model).resolve():
+            raise ValueError("speculative_config.model: method 'mtp' runs the MTP layers of the "
+                             f"target checkpoint itself; leave it unset (got {spec.model!r})")
         if spec.method == "ngram" and not 1 <= spec.prompt_lookup_min <= spec.prompt_lookup_max:
             raise ValueError("speculative_config: need 1 <= prompt_lookup_min <= "
                              f"prompt_lookup_max, got {spec.prompt_lookup_min} and "
