@@ -5,6 +5,9 @@
                           h_out = decoder layer(h) (the target's own layer type, + residual)
                           logits = shared_head.head(shared_head.norm(h_out))  -> token_{i+2}
 
+target_hidden_i is the target's final hidden state (after its final norm: what the runner's
+forward returns, and what vLLM passes its MTP layers).
+
 Checkpoint (DeepSeek-V3 / GLM-4.5 naming): the target's config.json has
 `num_nextn_predict_layers` N >= 1 and its MTP layer i lives under `model.layers.{L + i}.`:
 `enorm.weight`, `hnorm.weight`, `eh_proj.weight` [H, 2H], `shared_head.norm.weight`, optional
