@@ -134,3 +134,16 @@ def test_exact_drafters_are_accepted_and_keep_the_distribution(bigram_target, tm
         counts[key] = counts.get(key, 0) + 1
     chi2 = sum((counts.get(key, 0) - n * p) ** 2 / (n * p) for key, p in expected.items())
     assert chi2 < 37.0, (chi2, counts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["mtp", "eagle3"])
+def test_gpu_exact_drafters_are_accepted(bigram_target, tmp_path, method):
+    # The same on the GPU (Triton attention for the heads, CUDA graphs for plain steps), fp32.
+    if method == "mtp":
+        spec = {"method": "mtp", "num_speculative_tokens": 3}
+    else:
+        head = make_exact_eagle3_head(bigram_target, tmp_path / "e3")
+        spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 1}
+    stats = _run_greedy(bigram_target, spec, bigram_target, device="cuda", dtype="float32")
+    assert stats.spec_num_accepted_tokens >= 0.9 * stats.spec_num_draft_tokens
