@@ -254,9 +254,10 @@ def test_bad_eagle3_checkpoints_name_the_tensor(tiny_models, tmp_path):
             load_eagle3(head_dir, target, torch.float32, torch.device("cpu"))
 
 
-def _run_greedy(target: str, spec: dict, reference: str, **engine) -> object:
+def _run_greedy(target: str, spec: dict, reference: str, block_size: int = 4,
+                **engine) -> object:
     batch = prompts(4, seed=1)
-    with LLM(target, speculative_config=spec, block_size=4, max_num_batched_tokens=48,
+    with LLM(target, speculative_config=spec, block_size=block_size, max_num_batched_tokens=48,
              max_num_seqs=4, **engine) as llm:
         for _ in range(2):  # the second round hits the prefix cache
             outs = llm.generate(batch, SamplingParams(temperature=0.0, max_tokens=MAX_NEW),

@@ -145,5 +145,6 @@ def test_gpu_exact_drafters_are_accepted(bigram_target, tmp_path, method):
     else:
         head = make_exact_eagle3_head(bigram_target, tmp_path / "e3")
         spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 1}
-    stats = _run_greedy(bigram_target, spec, bigram_target, device="cuda", dtype="float32")
+    stats = _run_greedy(bigram_target, spec, bigram_target, device="cuda", dtype="float32",
+                        block_size=16)
     assert stats.spec_num_accepted_tokens >= 0.9 * stats.spec_num_draft_tokens
