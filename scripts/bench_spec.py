@@ -12,12 +12,17 @@ outputs, ignore_eos) run to completion under each configuration:
                 never accepted (~0%): the pure overhead of drafting + verifying
     ngram       prompt lookup; random-weight models fall into short output cycles, which the
                 lookup then predicts (acceptance is measured and printed, not assumed)
+    pair        (with --pair-layers m) a cheap draft with controlled acceptance: the target's
+                layers >= m have zero o_proj / down_proj (scripts/make_spec_pair.py), the draft
+                is its first m layers: acceptance ~100% (lowered by --pair-noise) at a draft
+                cost of m / L. The target then has real weights for every config of the run.
 
 Reported per run: wall time, output tokens/s, time per output token per request, and the
 measured acceptance (accepted / drafted, mean acceptance length). Models are the bench_throughput
 presets with random weights (load_format dummy), so nothing is downloaded:
 
     python scripts/bench_spec.py --preset llama-3.1-8b --batch-sizes 1 64 --k 3
+    python scripts/bench_spec.py --preset llama-3.1-8b --batch-sizes 1 64 --k 4 --pair-layers 2
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +52,28 @@ def unrelated_draft(target_dir: str) -> str:
     return str(out)
 
 
-def configs(target: str, k: int, which: list[str]) -> dict[str, dict]:
+def make_pair(preset: str, layers: int, noise: float) -> dict[str, str]:
+    """Target / draft folders from scripts/make_spec_pair.py (in a child process, so this one
+    holds no CUDA context while the engine runs)."""
+    import torch
+
+    out = tempfile.mkdtemp(prefix=f"spec-pair-{preset}-")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    script = Path(__file__).resolve().parent / "make_spec_pair.py"
+    done = subprocess.run([sys.executable, str(script), "--preset", preset, "--out", out,
+                           "--draft-layers", str(layers), "--noise", str(noise),
+                           "--device", device], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"make_spec_pair.py failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def configs(target: str, k: int, which: list[str], pair_draft: str | None = None
+            ) -> dict[str, dict]:
+    if pair_draft is not None and "unrelated" in which:
+        raise SystemExit("--pair-layers: the 'unrelated' config needs dummy weights; drop it")
+    if pair_draft is None and "pair" in which:
+        raise SystemExit("the 'pair' config needs --pair-layers")
     all_configs = {
         "none": {},
         "none-sync": {"async_scheduling": False},
@@ -53,7 +81,10 @@ def configs(target: str, k: int, which: list[str]) -> dict[str, dict]:
                                         "num_speculative_tokens": k}},
         "unrelated": {"speculative_config": {"method": "draft_model",
                                              "model": unrelated_draft(target),
-                                             "num_speculative_tokens": k}},
+                                             "num_speculative_tokens": k}}
+        if "unrelated" in which else {},
+        "pair": {"speculative_config": {"method": "draft_model", "model": pair_draft,
+                                        "num_speculative_tokens": k}},
         "ngram": {"speculative_config": {"method": "ngram", "num_speculative_tokens": k,
                                          "prompt_lookup_min": 2, "prompt_lookup_max": 4}},
     }
@@ -94,20 +125,31 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--configs", nargs="+", default=["none", "none-sync", "self", "unrelated",
-                                                     "ngram"])
+    ap.add_argument("--configs", nargs="+", help="default: none none-sync self unrelated "
+                    "ngram; with --pair-layers: none none-sync pair")
+    ap.add_argument("--pair-layers", type=int, help="m: build the controlled-acceptance pair "
+                    "(target layers >= m zeroed, draft = first m layers)")
+    ap.add_argument("--pair-noise", type=float, default=0.0,
+                    help="std of the pair target's o_proj/down_proj in layers >= m")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
     from frontend import LLM
 
-    target = make_preset(args.preset)
+    pair = None
+    if args.pair_layers is not None:
+        pair = make_pair(args.preset, args.pair_layers, args.pair_noise)
+        print("pair:", json.dumps(pair), flush=True)
+    which = args.configs or (["none", "none-sync", "pair"] if pair else
+                             ["none", "none-sync", "self", "unrelated", "ngram"])
+    target = pair["target"] if pair else make_preset(args.preset)
     vocab = PRESETS[args.preset]["vocab_size"]
-    results: dict = {"preset": args.preset, "k": args.k, "runs": {}}
-    for name, extra in configs(target, args.k, args.configs).items():
-        llm = LLM(target, load_format="dummy", max_model_len=args.max_model_len,
-                  max_num_seqs=max(args.batch_sizes), **extra)
+    results: dict = {"preset": args.preset, "k": args.k, "pair_layers": args.pair_layers,
+                     "pair_noise": args.pair_noise, "runs": {}}
+    for name, extra in configs(target, args.k, which, pair and pair["draft"]).items():
+        llm = LLM(target, load_format="auto" if pair else "dummy",
+                  max_model_len=args.max_model_len, max_num_seqs=max(args.batch_sizes), **extra)
         try:
             results["runs"][name] = [run(llm, bs, args.prompt_len, args.new_tokens, vocab)
                                      for bs in args.batch_sizes]

@@ -176,7 +176,8 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # ngram | draft_model | eagle | eagle3 | mtp; None: off, or "draft_model" when `model` is set
     method: str | None = None
     num_speculative_tokens: int = 0  # draft tokens proposed per request per step (k)
-    model: str | None = None  # draft model / EAGLE head directory (draft_model, eagle, eagle3)
+    # draft model / EAGLE head directory (draft_model, eagle, eagle3); mtp: the target's own
+    model: str | None = None
     prompt_lookup_min: int = 1  # ngram: shortest suffix n-gram to match
     prompt_lookup_max: int = 3  # ngram: longest suffix n-gram to match (tried first)
     draft_tensor_parallel_size: int = 1  # only 1 is supported
@@ -188,13 +189,6 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
 
 SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp")
-# Accepted names whose drafter is not built yet, and what is missing (issue #10).
-_SPEC_MISSING = {
-    "eagle3": "EAGLE-3 heads need the target's auxiliary hidden states from three layers and the "
-              "draft-to-target vocabulary map (d2t)",
-    "mtp": "MTP needs a target architecture with its own multi-token-prediction layers "
-           "(DeepSeek-V3, Qwen3-Next, ...), none of which this engine runs",
-}
 
 
 class KVTransferConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -311,6 +305,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             quantization=_quantization(self.model.quantization, info["quant_method"]))
         cfg = msgspec.structs.replace(self, model=model)
         cfg.validate()
+        if cfg.speculative.enabled and cfg.speculative.method == "mtp" and \
+                not info["num_nextn_predict_layers"]:
+            raise ValueError(f"speculative_config.method 'mtp': the model {self.model.model!r} "
+                             "has no multi-token-prediction layers (no num_nextn_predict_layers "
+                             "in its config.json)")
         _check_tensor_parallel(self.parallel.tensor_parallel_size, info)
         if cfg.model.quantization and self.parallel.tensor_parallel_size > 1:
             raise ValueError("quantization: quantized linear layers are not sharded for "
@@ -365,10 +364,6 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         if spec.method not in SPEC_METHODS:
             raise ValueError(f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}"
                              f"; got {spec.method!r}")
-        if spec.method in _SPEC_MISSING:
-            raise ValueError(f"speculative_config.method {spec.method!r} is not implemented: "
-                             f"{_SPEC_MISSING[spec.method]}; use 'ngram', 'draft_model' or "
-                             "'eagle'")
         if spec.num_speculative_tokens < 1:
             raise ValueError("speculative_config.num_speculative_tokens must be >= 1, got "
                              f"{spec.num_speculative_tokens}")
@@ -377,6 +372,10 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
                              f"runs unsharded), got {spec.draft_tensor_parallel_size}")
         if spec.method in ("draft_model", "eagle", "eagle3") and not spec.model:
             raise ValueError(f"speculative_config.model is required for method {spec.method!r}")
+        if spec.method == "mtp" and spec.model and \
+                Path(spec.model).resolve() != Path(self.model.model).resolve():
+            raise ValueError("speculative_config.model: method 'mtp' runs the MTP layers of the "
+                             f"target checkpoint itself; leave it unset (got {spec.model!r})")
         if spec.method == "ngram" and not 1 <= spec.prompt_lookup_min <= spec.prompt_lookup_max:
             raise ValueError("speculative_config: need 1 <= prompt_lookup_min <= "
                              f"prompt_lookup_max, got {spec.prompt_lookup_min} and "
@@ -530,6 +529,7 @@ def read_checkpoint_info(model_dir: str) -> dict:
         "max_position_embeddings": int(text_cfg.get("max_position_embeddings", 2048)),
         "eos_token_ids": eos,
         "quant_method": (hf.get("quantization_config") or {}).get("quant_method"),
+        "num_nextn_predict_layers": int(text_cfg.get("num_nextn_predict_layers") or 0),
     }
 
 

@@ -35,6 +35,9 @@ class CudaGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # EAGLE-3 targets also leave auxiliary hidden states in `model.aux_hidden` each forward:
+        # captured per bucket and set again on replay.
+        self.aux_outputs: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -54,6 +57,8 @@ class CudaGraphs:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self.outputs[size] = self.model(ids, pos)
+                if getattr(self.model, "aux_layers", ()):
+                    self.aux_outputs[size] = self.model.aux_hidden
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
@@ -73,4 +78,6 @@ class CudaGraphs:
         """
         self.buffers.copy_to_device(num_reqs, num_reqs, num_cols, pad_reqs=size)
         self.graphs[size].replay()
+        if self.aux_outputs:
+            self.model.aux_hidden = self.aux_outputs[size][:num_reqs]
         return self.outputs[size][:num_reqs]

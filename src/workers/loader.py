@@ -13,7 +13,7 @@ architecture or a broken checkpoint, and fails loudly here rather than as garbag
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,23 +37,39 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the checkpoint, one file open at a time."""
+def iter_checkpoint(model_dir: str | Path, keep: Callable[[str], bool] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint (those `keep` accepts: the others are
+    never read), one file open at a time."""
     for file in checkpoint_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if keep is None or keep(name):
+                    yield name, f.get_tensor(name)
 
 
-def load_weights(model: nn.Module, model_dir: str | Path) -> None:
-    """Copy every checkpoint tensor into `model`; raise on a missing or unexpected tensor."""
+def load_weights(model: nn.Module, model_dir: str | Path,
+                 rename: Callable[[str], str | None] | None = None) -> None:
+    """Copy every checkpoint tensor into `model`; raise on a missing or unexpected tensor.
+
+    `rename` maps a checkpoint name to the model's name, or to None to skip the tensor (a
+    module loading one part of a checkpoint, e.g. the MTP layers of a target)."""
     mapping: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
     experts: dict[str, tuple[str, object]] = getattr(model, "expert_weights_mapping", {})
     ignored: set[str] = getattr(model, "ignored_weights", set())
+    ignored_prefixes: tuple[str, ...] = getattr(model, "ignored_weight_prefixes", ())
     params = dict(model.named_parameters())
     expected = _expected_shards(params, mapping)
     loaded: dict[str, set[object]] = {name: set() for name in params}
-    for ckpt_name, tensor in iter_checkpoint(model_dir):
+
+    def wanted(name: str) -> bool:  # skipped tensors are never read from disk
+        return (rename is None or rename(name) is not None) and \
+            not name.startswith(ignored_prefixes)  # e.g. a target's MTP layers
+
+    for ckpt_name, tensor in iter_checkpoint(model_dir, wanted):
+        if rename is not None:
+            ckpt_name = rename(ckpt_name)
+            assert ckpt_name is not None
         if ckpt_name.endswith("rotary_emb.inv_freq") or ckpt_name in ignored:
             continue  # recomputed by the model / a duplicate of a tied weight
         name, shard = _target(ckpt_name, mapping, experts)

@@ -110,8 +110,9 @@ def test_drafts_count_in_budget_and_lookahead_blocks():
     {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
      "prompt_lookup_max": 2},
     {"method": "ngram", "num_speculative_tokens": 2, "bogus": 1},
-    {"method": "eagle3", "num_speculative_tokens": 2, "model": "x"},
-    {"method": "mtp", "num_speculative_tokens": 2},
+    {"method": "eagle3", "num_speculative_tokens": 2},  # no head directory
+    {"method": "mtp", "num_speculative_tokens": 2},  # the tiny model has no MTP layers
+    {"method": "mtp", "num_speculative_tokens": 2, "model": "/elsewhere"},
 ])
 def test_bad_speculative_config_names_the_field(tiny_model_dir, bad):
     with pytest.raises(ValueError, match="speculative_config"):

@@ -176,11 +176,19 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [T] (or inputs_embeds [T, H], which wins), positions [T] -> hidden [T, H]."""
+                inputs_embeds: torch.Tensor | None = None,
+                aux_layers: tuple[int, ...] = (),
+                aux_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """input_ids [T] (or inputs_embeds [T, H], which wins), positions [T] -> hidden [T, H].
+
+        aux_layers: append to `aux_out` the residual stream entering each of these layers
+        ([T, H] each, in layer order), as HF's output_hidden_states[i] (EAGLE-3)."""
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if i in aux_layers:
+                assert aux_out is not None
+                aux_out.append(hidden if residual is None else hidden + residual)
             hidden, residual = layer(hidden, residual, positions)
         hidden, _ = self.norm(hidden, residual)
         return hidden
@@ -199,6 +207,11 @@ class LlamaForCausalLM(nn.Module):
     }
     always_qkv_bias = False
     qk_norm = False
+    # EAGLE-3: layers whose input residual stream each forward also keeps (`enable_aux_hidden`);
+    # empty means the plain forward, no extra work. Models whose forward is their own say no.
+    supports_aux_hidden = True
+    aux_layers: tuple[int, ...] = ()
+    aux_hidden: torch.Tensor | None = None  # [T, len(aux_layers) * H], of the last forward
 
     def __init__(self, hf_config: dict, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -210,6 +223,11 @@ class LlamaForCausalLM(nn.Module):
                                       tp=tp)
         # Some tied checkpoints still store lm_head.weight; it duplicates the embedding.
         self.ignored_weights = {"lm_head.weight"} if tied is not None else set()
+        # Multi-token-prediction layers ship as model.layers.{L + i}: the MTP drafter
+        # (workers/spec/mtp.py) loads them, the target skips them.
+        self.ignored_weight_prefixes = tuple(
+            f"model.layers.{self.args.num_layers + i}."
+            for i in range(int(hf_config.get("num_nextn_predict_layers") or 0)))
 
     @property
     def num_layers(self) -> int:
@@ -219,8 +237,22 @@ class LlamaForCausalLM(nn.Module):
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [T] int64 -> hidden [T, H]; needs a forward context.
 
-        inputs_embeds [T, H]: the decoder's input rows, used instead of embedding input_ids."""
-        return self.model(input_ids, positions, inputs_embeds)
+        inputs_embeds [T, H]: the decoder's input rows, used instead of embedding input_ids.
+        With `aux_layers` set, also leaves their input residual streams in `aux_hidden`."""
+        if not self.aux_layers:
+            return self.model(input_ids, positions, inputs_embeds)
+        aux: list[torch.Tensor] = []
+        hidden = self.model(input_ids, positions, inputs_embeds, self.aux_layers, aux)
+        self.aux_hidden = torch.cat(aux, dim=-1)
+        return hidden
+
+    def enable_aux_hidden(self, layer_ids: tuple[int, ...]) -> None:
+        """Make every forward also keep the residual stream entering `layer_ids` (EAGLE-3)."""
+        if len(set(layer_ids)) != len(layer_ids) or sorted(layer_ids) != list(layer_ids) or \
+                not all(0 <= i < self.num_layers for i in layer_ids):
+            raise ValueError(f"eagle_aux_hidden_state_layer_ids {list(layer_ids)}: need distinct "
+                             f"increasing layer ids in [0, {self.num_layers})")
+        self.aux_layers = tuple(layer_ids)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> the embedding rows [T, H] the decoder would start from."""

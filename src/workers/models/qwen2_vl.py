@@ -181,6 +181,8 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     always_qkv_bias = True
     uses_mrope = True
 
+    supports_aux_hidden = False  # its own forward (M-RoPE): no EAGLE-3 aux states
+
     def __init__(self, hf_config: dict, tp: TPGroup = SINGLE) -> None:
         nn.Module.__init__(self)
         if tp.size > 1:

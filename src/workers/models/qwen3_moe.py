@@ -145,6 +145,10 @@ class Qwen3MoeForCausalLM(nn.Module):
         return self.qkv_bias
 
     num_layers = LlamaForCausalLM.num_layers
+    supports_aux_hidden = True  # EAGLE-3 targets: same forward, same aux states
+    aux_layers: tuple[int, ...] = ()
+    aux_hidden: torch.Tensor | None = None
+    enable_aux_hidden = LlamaForCausalLM.enable_aux_hidden
     forward = LlamaForCausalLM.forward
     embed_input_ids = LlamaForCausalLM.embed_input_ids
     compute_logits = LlamaForCausalLM.compute_logits

@@ -4,6 +4,8 @@
     ngram         prompt lookup over prompt + output        workers/spec/ngram.py
     draft_model   a small model with the target's vocab     workers/spec/draft.py
     eagle         an EAGLE-1 head on the target's hidden    workers/spec/eagle.py + draft.py
+    eagle3        an EAGLE-3 head on 3 target layers' aux   workers/spec/eagle3.py + draft.py
+    mtp           the target checkpoint's own MTP layer     workers/spec/mtp.py + draft.py
 
 Verification of the drafts a step carries happens in the runner's sampling
 (`sampling.rejection.verify_drafts`); see docs/spec_decode.md for the whole flow.
@@ -21,6 +23,8 @@ from workers.block_table import BlockTable
 from workers.models import load_model
 from workers.spec.draft import DraftProposer
 from workers.spec.eagle import load_eagle
+from workers.spec.eagle3 import load_eagle3
+from workers.spec.mtp import load_mtp
 from workers.spec.ngram import NgramProposer
 
 
@@ -36,11 +40,10 @@ class SpecDecoder:
         self.drafter: DraftProposer | None = None
         if spec.method == "ngram":
             self.ngram = NgramProposer(self.k, spec.prompt_lookup_min, spec.prompt_lookup_max)
-        elif spec.method in ("draft_model", "eagle"):
-            assert spec.model is not None
-            eagle = spec.method == "eagle"
-            model = (load_eagle(spec.model, target, dtype, device) if eagle
-                     else load_model(spec.model, dtype, device, config.model.load_format))
+        elif spec.method in ("draft_model", "eagle", "eagle3", "mtp"):
+            eagle = spec.method != "draft_model"  # a head fed the target's hidden states
+            model = self._load(spec.method, spec.model or config.model.model, config, target,
+                               dtype, device)
             if getattr(model, "args", None) is not None and \
                     model.args.vocab_size != config.model.vocab_size:
                 raise ValueError(f"speculative_config.model {spec.model!r} has vocab size "
@@ -50,6 +53,20 @@ class SpecDecoder:
                                          config.model.max_model_len, device, dtype)
         else:  # config validation refuses the rest first
             raise NotImplementedError(f"speculative method {spec.method!r}")
+        # EAGLE-3 reads the target's auxiliary hidden states (`aux_hidden`, set by each forward)
+        # instead of its final hidden states.
+        self.target = target if spec.method == "eagle3" else None
+
+    @staticmethod
+    def _load(method: str, path: str, config: EngineConfig, target: nn.Module,
+              dtype: torch.dtype, device: torch.device) -> nn.Module:
+        if method == "eagle":
+            return load_eagle(path, target, dtype, device)
+        if method == "eagle3":
+            return load_eagle3(path, target, dtype, device)
+        if method == "mtp":  # the MTP layers ship in the target's own checkpoint
+            return load_mtp(config.model.model, target, dtype, device)
+        return load_model(path, dtype, device, config.model.load_format)
 
     def bytes_per_block(self) -> int:
         """KV bytes per block the drafter adds (0 for n-gram)."""
@@ -73,6 +90,8 @@ class SpecDecoder:
         else:
             assert self.drafter is not None
             entries = [e for e in entries if _eligible(e[0])]
+            if self.target is not None:
+                hidden = self.target.aux_hidden  # [T, 3H]
             drafts = self.drafter.propose(entries, hidden, eligible)
         for s in sampled:
             if s.grammar is not None and drafts.get(s.req_id):

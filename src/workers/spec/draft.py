@@ -1,10 +1,13 @@
 """`DraftProposer`: k greedy draft tokens from a small model run beside the target.
 
-Two drafters share this machinery: a draft model (`draft_model`: any supported checkpoint with
-the target's vocabulary) and an EAGLE-1 head (`eagle`: `workers.spec.eagle`, fed the target's
-hidden states). Each keeps its own KV cache, indexed by the target's block table: the scheduler
-allocates k lookahead slots past the scheduled tokens for the drafter's writes, so the
-drafter's KV of position p lives in the same slot as the target's.
+Four drafters share this machinery: a draft model (`draft_model`: any supported checkpoint
+with the target's vocabulary) and three heads fed the target's hidden states ("EAGLE" below):
+EAGLE-1 (`workers.spec.eagle`), EAGLE-3 (`workers.spec.eagle3`: fed the target's auxiliary
+hidden states, drafts over a smaller vocabulary mapped to target ids) and MTP
+(`workers.spec.mtp`: the target checkpoint's own multi-token-prediction layer). Each keeps
+its own KV cache, indexed by the target's block table: the scheduler allocates k lookahead
+slots past the scheduled tokens for the drafter's writes, so the drafter's KV of position p
+lives in the same slot as the target's.
 
 The drafter follows the target step by step: for every request in a step it recomputes the
 positions the target just computed (verified ones only) plus, for a request that sampled, the
@@ -79,8 +82,7 @@ class DraftProposer:
         if not batch.ids:
             return {}
         out_hidden = self._run(batch, hidden)
-        logits = self.model.compute_logits(out_hidden[last])
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = self._greedy(out_hidden[last])
         order = [req_id for req_id in limits]  # requests that sampled, in entry order
         drafts = {req_id: [t] for req_id, t in zip(order, tokens, strict=True)}
         prev_hidden = out_hidden[last]  # [B, H] feeds EAGLE's next step
@@ -93,12 +95,18 @@ class DraftProposer:
                           hidden_rows=live, rows=[limits[order[i]][2] for i in live],
                           query_lens=[1] * len(live), seq_lens=[p + 1 for p in pos])
             out = self._run(step, prev_hidden)
-            next_tokens = self.model.compute_logits(out).argmax(dim=-1).tolist()
+            next_tokens = self._greedy(out)
             for i, t in zip(live, next_tokens, strict=True):
                 drafts[order[i]].append(t)
             prev_hidden = prev_hidden.clone()
             prev_hidden[torch.tensor(live, device=self.device)] = out
         return {req_id: d[: limits[req_id][1]] for req_id, d in drafts.items()}
+
+    def _greedy(self, hidden: torch.Tensor) -> list[int]:
+        """Argmax tokens (target vocabulary ids) of the drafter's output rows [N, H]."""
+        ids = self.model.compute_logits(hidden).argmax(dim=-1)
+        to_target = getattr(self.model, "to_target_ids", None)  # EAGLE-3's smaller vocabulary
+        return (to_target(ids) if to_target is not None else ids).tolist()
 
     def _catch_up_batch(self, entries: list[tuple], sampled: dict[str, int]):
         """The first forward's entries; the flat index of each sampler's last entry; and per

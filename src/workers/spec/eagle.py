@@ -83,13 +83,10 @@ def load_eagle(model_dir: str, target: nn.Module, dtype: torch.dtype,
                device: torch.device) -> EagleLlama:
     """Build and load an EAGLE-1 head from `model_dir`, sharing `target`'s missing parts."""
     hf_config = read_hf_config(model_dir)
-    names: set[str] = set()
-    for file in checkpoint_files(model_dir):
-        with safe_open(str(file), framework="pt") as f:
-            names.update(f.keys())
+    names = checkpoint_names(model_dir)
     if any(n.startswith("midlayer.") or n == "d2t" for n in names):
-        raise NotImplementedError(f"{model_dir!r} is an EAGLE-3 head; only EAGLE-1 heads load "
-                                  "(method 'eagle')")
+        raise ValueError(f"{model_dir!r} is an EAGLE-3 head: use speculative_config.method "
+                         "'eagle3'")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -100,3 +97,12 @@ def load_eagle(model_dir: str, target: nn.Module, dtype: torch.dtype,
     load_weights(model, model_dir)
     model.share_target(target)
     return model.eval().requires_grad_(False)
+
+
+def checkpoint_names(model_dir: str) -> set[str]:
+    """Every tensor name of the checkpoint in `model_dir` (headers only, no data read)."""
+    names: set[str] = set()
+    for file in checkpoint_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    return names
