@@ -59,7 +59,7 @@ class PromptEmbeds(msgspec.Struct, array_like=True, gc=False):
     hash: str  # sha256 of dtype, shape and data: the prefix-cache key of these rows
 
 
-class KVTransferParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+class KVTransferParams(msgspec.Struct, kw_only=True):
     """vLLM's `kv_transfer_params` (NixlConnector), on a request and on its final output.
 
     To a prefill instance: {"do_remote_decode": true}: on finishing it holds the prompt's blocks
