@@ -13,8 +13,11 @@ import time
 
 import msgspec
 import pytest
+import torch
+import zmq
 
 from enginecore.config import EngineConfig
+from enginecore.protocol import NixlAgentInfo, NixlHello, encode, nixl_side_channel_decoder
 from frontend import LLM
 from sampling.params import SamplingParams
 from workers.nixl_worker import import_nixl
@@ -55,6 +58,16 @@ def prefill(llm: LLM, prompts) -> list[dict]:
     return [msgspec.to_builtins(o.kv_transfer_params) for o in outs]
 
 
+def side_channel(port: int, hello: NixlHello) -> NixlAgentInfo:
+    """Ask a producer rank's side channel what a consumer rank asks it."""
+    ctx = zmq.Context.instance()
+    with ctx.socket(zmq.REQ) as sock:
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        sock.send(encode(hello))
+        return nixl_side_channel_decoder.decode(sock.recv())
+
+
 def wait_kv_usage_zero(llm: LLM, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while (usage := llm.get_stats().kv_cache_usage) > 0 and time.monotonic() < deadline:
@@ -69,10 +82,18 @@ def test_decode_reads_prefill_kv_and_matches_one_instance(tiny_model_dir):
                                     use_tqdm=False)
     finally:
         single.shutdown()
-    p = LLM(tiny_model_dir, **ENGINE, kv_transfer_config=nixl())
+    p_config = nixl()
+    p = LLM(tiny_model_dir, **ENGINE, kv_transfer_config=p_config)
     d = LLM(tiny_model_dir, **ENGINE, kv_transfer_config=nixl())
     try:
         params = prefill(p, PROMPTS)
+        # P's rank 0 registered its cache where it lives: VRAM on a GPU, DRAM on the CPU.
+        info = side_channel(p_config["side_channel_port"], NixlHello(tp_rank=0, tp_size=1))
+        assert info.error is None and info.num_blocks == 64 and info.num_planes == 2
+        assert info.mem_type == ("VRAM" if torch.cuda.is_available() else "DRAM")
+        assert info.engine_id == params[0]["remote_engine_id"] and len(info.base_addrs) > 1
+        refused = side_channel(p_config["side_channel_port"], NixlHello(tp_rank=0, tp_size=2))
+        assert "tp_size" in refused.error
         assert [len(x["remote_block_ids"]) for x in params] == [len(q) // BLOCK for q in PROMPTS]
         assert p.get_stats().kv_cache_usage > 0  # held for D
         # The last prompt reads the third one's blocks instead of its own: its answer must
