@@ -150,3 +150,28 @@ def test_unread_blocks_expire_and_unreachable_producer_falls_back(tiny_model_dir
 def test_bad_nixl_config_names_the_field(tiny_model_dir, fields, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig.create(tiny_model_dir, kv_transfer_config={**nixl(), **fields})
+
+
+def test_tensor_parallel_ranks_read_from_their_peer_ranks(tiny_model_dir):
+    """TP=2 on both sides (gloo, CPU): D's rank r reads P's rank r's half of the kv heads."""
+    engine = {**ENGINE, "tensor_parallel_size": 2, "device": "cpu"}
+    p = LLM(tiny_model_dir, **engine, kv_transfer_config=nixl())
+    d = LLM(tiny_model_dir, **engine, kv_transfer_config=nixl())
+    try:
+        prompts = PROMPTS[:2]
+        # P's plain answers are the reference (computed whole); its prefill then hits them.
+        reference = p.generate([{"prompt_token_ids": q} for q in prompts], greedy(),
+                               use_tqdm=False)
+        params = prefill(p, prompts)
+        assert all(x["tp_size"] == 2 for x in params)
+        outs = d.generate([{"prompt_token_ids": q} for q in prompts],
+                          [greedy(x) for x in params], use_tqdm=False)
+        for out, ref in zip(outs, reference, strict=True):
+            assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+            assert out.outputs[0].logprobs == ref.outputs[0].logprobs
+        assert [o.num_cached_tokens for o in outs] == [(len(q) - 1) // BLOCK * BLOCK
+                                                       for q in prompts]
+        assert wait_kv_usage_zero(p, timeout=10) == 0
+    finally:
+        d.shutdown()
+        p.shutdown()

@@ -33,7 +33,7 @@ import time
 
 from enginecore.config import EngineConfig, KVTransferConfig
 from enginecore.kv_cache import KVCacheManager
-from enginecore.protocol import KVRemoteRead, KVTransferMeta, KVTransferParams
+from enginecore.protocol import KVRemoteRead, KVTransferMeta, KVTransferParams, StepResult
 from enginecore.request import Request
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,41 @@ class NixlConnector:
         self.recving[request.request_id] = request
         self.num_read_blocks += num_read
         return True
+
+    def finish_reads(self, result: StepResult, kv: KVCacheManager) -> list[Request]:
+        """Apply a step's read outcomes; the requests to put back at the head of `waiting`.
+
+        Done: the read blocks hold verified KV, offered to later requests too (prefix cache).
+        Failed: their blocks are freed and the request computes its prompt itself."""
+        failed = set(result.kv_recv_failed)
+        back = []
+        for req_id in [*result.kv_recv_done, *result.kv_recv_failed]:
+            request = self.recving.pop(req_id, None)
+            if request is None:
+                continue  # aborted meanwhile
+            if req_id in failed:
+                logger.warning("request %s: reading its KV from the prefill instance failed; "
+                               "computing the prompt locally", req_id)
+                kv.free(request)
+                request.num_loaded_tokens = None
+            else:
+                kv.cache_full_blocks(request, request.num_loaded_tokens)
+            back.append(request)
+        return back
+
+    def drop_loaded(self, waiting: list[Request], head: Request, kv: KVCacheManager) -> bool:
+        """Free the read blocks that waiting requests other than `head` hold (they will compute
+        their prompts instead): with nothing running, only they can keep `head` from ever
+        fitting. True if any were freed."""
+        dropped = False
+        for request in waiting:
+            if request is not head and request.num_loaded_tokens is not None:
+                logger.warning("request %s: dropping its read KV blocks to make room",
+                               request.request_id)
+                kv.free(request)
+                request.num_loaded_tokens = None
+                dropped = True
+        return dropped
 
     # ------------------------------------------------ producer
 

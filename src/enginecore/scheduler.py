@@ -287,6 +287,8 @@ class Scheduler:
                 self.encoder_cache.release_done(request)
         self._schedule_running(plan)
         self._schedule_waiting(plan)
+        if self.nixl is not None:
+            self.nixl.expire(self.kv)
         if not plan.num_scheduled and not self._kv_step_due():
             return None
         return self._build_step(plan)
@@ -296,7 +298,6 @@ class Scheduler:
         held blocks whose release notifications only a step result reports)."""
         if self.nixl is None:
             return False
-        self.nixl.expire(self.kv)
         return self.nixl.has_meta() or (
             bool(self.nixl.held) and time.monotonic() - self._last_step_time >= _KV_POLL_S)
 
@@ -410,6 +411,9 @@ class Scheduler:
                 request, num_ext + num_new, computed_blocks=hit_blocks,
                 num_lookahead_tokens=self._lookahead(request, num_hit + num_ext + num_new))
             if block_ids is None:
+                if not self.running and self.nixl is not None and \
+                        self.nixl.drop_loaded(self.waiting, request, self.kv):
+                    continue  # retry with the blocks other waiting requests gave back
                 break
             if num_ext and request.num_loaded_tokens is None:
                 self._load_external(request, len(hit_blocks), block_ids, num_ext)
@@ -553,7 +557,9 @@ class Scheduler:
         # Requests that left since the step was sent are no longer in its record: skipped.
         scheduled = self._in_flight.pop(step.step_id)
         if self.nixl is not None:
-            self._apply_transfers(result)
+            self.nixl.release(result.kv_send_done, self.kv)
+            for request in self.nixl.finish_reads(result, self.kv):
+                self._enqueue(request, front=True)
         # First: a failed request's KV (computed without its adapter) must never be cached.
         failed = self._fail(result.failed, scheduled)
         spec = step.scheduled_spec_tokens
@@ -607,24 +613,6 @@ class Scheduler:
                 deltas.append(TokenDelta(req_id, [], finish_reason="error",
                                          num_cached_tokens=request.num_cached_tokens))
         return deltas
-
-    def _apply_transfers(self, result: StepResult) -> None:
-        """NixlConnector: free blocks consumers have read; requeue requests whose read ended."""
-        nixl = self.nixl
-        nixl.release(result.kv_send_done, self.kv)
-        failed = set(result.kv_recv_failed)
-        for req_id in [*result.kv_recv_done, *result.kv_recv_failed]:
-            request = nixl.recving.pop(req_id, None)
-            if request is None:
-                continue  # aborted meanwhile
-            if req_id in failed:
-                logger.warning("request %s: reading its KV from the prefill instance failed; "
-                               "computing the prompt locally", req_id)
-                self.kv.free(request)
-                request.num_loaded_tokens = None
-            else:  # the read blocks hold verified KV now: offer them to later requests too
-                self.kv.cache_full_blocks(request, request.num_loaded_tokens)
-            self._enqueue(request, front=True)
 
     def _verify(self, request: Request, drafts: list[int], num_accepted: int) -> None:
         """Roll num_computed_tokens back over the rejected drafts and count acceptance."""

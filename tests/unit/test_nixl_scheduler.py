@@ -165,3 +165,28 @@ def test_remote_prefill_error_names_the_field():
     assert "tp_size" in remote([1], tp_size=2).remote_prefill_error(1)
     assert "remote_port" in remote([1], remote_port=0).remote_prefill_error(1)
     assert remote([1]).remote_prefill_error(1) is None
+
+
+def test_timeout_applies_while_the_producer_is_busy_too():
+    sched = make("kv_producer", timeout=0.2)
+    add(sched, "a", KVTransferParams(do_remote_decode=True), max_tokens=1)
+    add(sched, "busy", max_tokens=40)
+    run(sched)
+    assert sched.has_held_blocks()
+    time.sleep(0.25)
+    step, _ = run(sched)
+    assert step.num_scheduled_tokens == {"busy": 1} and not sched.has_held_blocks()
+
+
+def test_read_blocks_of_waiting_requests_can_be_given_back():
+    sched = make("kv_consumer")
+    add(sched, "d", remote([7, 8]))
+    read_step = sched.schedule()
+    sched.update(read_step, StepResult(read_step.step_id, [], [], kv_recv_done=["d"]))
+    (waiting,) = sched.waiting
+    assert waiting.num_loaded_tokens == 8
+    assert not sched.nixl.drop_loaded(sched.waiting, waiting, sched.kv)  # the head keeps its
+    assert sched.nixl.drop_loaded(sched.waiting, None, sched.kv)
+    assert sched.kv.num_free_blocks == sched.kv.num_total_blocks
+    step, deltas = run(sched)
+    assert step.new[0].num_computed_tokens == 8  # local prefix hits: the blocks stayed cached
