@@ -111,6 +111,15 @@ def test_decode_reads_prefill_kv_and_matches_one_instance(tiny_model_dir):
         assert all(r.num_cached_tokens == 0 for r in reference)
         # D's notifications reached P: every held block is free again, long before the timeout.
         assert wait_kv_usage_zero(p, timeout=10) == 0
+        # Block ids P does not have: D computes the prompt itself, and still tells P to free.
+        fresh = [t + 1 for t in PROMPTS[1]]
+        plain = p.generate([{"prompt_token_ids": fresh}], greedy(), use_tqdm=False)[0]
+        (params,) = prefill(p, [fresh])
+        bad = {**params, "remote_block_ids": [1000 + b for b in params["remote_block_ids"]]}
+        out = d.generate([{"prompt_token_ids": fresh}], greedy(bad), use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == plain.outputs[0].token_ids
+        assert out.num_cached_tokens == 0
+        assert wait_kv_usage_zero(p, timeout=10) == 0
     finally:
         d.shutdown()
         p.shutdown()

@@ -194,11 +194,13 @@ class NixlKVWorker:
                 ok[i] = False
                 logger.warning("request %s: NIXL read from %s:%d failed: %s", read.req_id,
                                read.host, read.port + self.rank, exc)
-        self._wait(reads, handles, ok)
+        broken = self._wait(reads, handles, ok)
         # Every rank must agree: a block read on rank 0 but not on rank 1 is not usable.
         ok = [bool(self.tp.min(int(flag))) for flag in ok]
-        for read, flag in zip(reads, ok, strict=True):
-            self._notify(read, flag)
+        for read in reads:
+            self._notify(read)
+        for read in broken:
+            self._forget(read)
         return ([r.req_id for r, flag in zip(reads, ok, strict=True) if flag],
                 [r.req_id for r, flag in zip(reads, ok, strict=True) if not flag])
 
@@ -220,7 +222,10 @@ class NixlKVWorker:
         return handle
 
     def _wait(self, reads: list[KVRemoteRead], handles: dict[int, object],
-              ok: list[bool]) -> None:
+              ok: list[bool]) -> list[KVRemoteRead]:
+        """Wait for every posted read (marking failures in `ok`); the reads whose transfer
+        failed: their producer is asked again next time."""
+        broken = []
         deadline = time.monotonic() + _XFER_TIMEOUT_S
         while handles:
             for i, handle in list(handles.items()):
@@ -232,12 +237,13 @@ class NixlKVWorker:
                     ok[i] = False
                     logger.warning("request %s: NIXL read %s", reads[i].req_id,
                                    "timed out" if late else "failed")
-                    self._forget(reads[i])
+                    broken.append(reads[i])
                 self.agent.release_xfer_handle(handle)
                 del handles[i]
+        return broken
 
-    def _notify(self, read: KVRemoteRead, ok: bool) -> None:
-        """Tell the producer rank it may free the blocks (failed too: it will not be read)."""
+    def _notify(self, read: KVRemoteRead) -> None:
+        """Tell the producer rank it may free the blocks (failed reads too: no retry comes)."""
         remote = self.remotes.get((read.engine_id, read.host, read.port))
         if remote is None:
             return  # never reached: its timeout frees them
