@@ -128,7 +128,12 @@ class NixlKVWorker:
         if self.is_producer:
             sock = self.ctx.socket(zmq.REP)
             # Bound here, not in the thread: a taken port fails the worker's start loudly.
-            sock.bind(f"tcp://{kv.side_channel_host}:{kv.side_channel_port + rank}")
+            addr = f"tcp://{kv.side_channel_host}:{kv.side_channel_port + rank}"
+            try:
+                sock.bind(addr)
+            except zmq.ZMQError as e:
+                raise ValueError(f"kv_transfer_config side_channel_port: cannot bind {addr} "
+                                 f"for rank {rank}: {e}") from None
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     # ------------------------------------------------ registration and side channel
