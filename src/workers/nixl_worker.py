@@ -157,10 +157,11 @@ class NixlKVWorker:
         while True:
             raw = sock.recv()
             try:
-                sock.send(encode(self._answer(nixl_side_channel_decoder.decode(raw))))
+                reply = self._answer(nixl_side_channel_decoder.decode(raw))
             except Exception as exc:  # a bad peer must not end the side channel
                 logger.warning("NIXL side channel: %s", exc)
-                sock.send(encode(NixlAgentInfo(error=f"bad side-channel request: {exc}")))
+                reply = NixlAgentInfo(error=f"bad side-channel request: {exc}")
+            sock.send(encode(reply))
 
     def _answer(self, msg: object) -> NixlAgentInfo:
         if not isinstance(msg, NixlHello):
@@ -182,7 +183,8 @@ class NixlKVWorker:
         result = runner.execute(step)
         result.kv_recv_done, result.kv_recv_failed = done, failed
         if self.is_producer:
-            result.kv_send_done = [msg.decode() for msgs in self.agent.get_new_notifs().values()
+            result.kv_send_done = [msg.decode(errors="replace")
+                                   for msgs in self.agent.get_new_notifs().values()
                                    for msg in msgs]
         return result
 
