@@ -11,19 +11,20 @@ moves the bytes. A request flows through two instances, routed by a proxy (scrip
     proxy -> D  the request, with those kv_transfer_params
     D           admitting it: allocates blocks for the prompt's full blocks past its own prefix
                 hits and queues a `KVRemoteRead` (the request leaves `waiting` for `recving`);
-                the next step's workers READ them from P's cache (rank r from P's rank r) before
-                that step's forward, then notify P (a NIXL notification naming the request)
+                the next step's workers post READs from P's cache (rank r from P's rank r)
+                that run in the background; steps keep going (empty ones if nothing else
+                runs) and each polls them; once finished the workers notify P (a NIXL
+                notification naming the request)
     D           result `kv_recv_done`: the read blocks join D's prefix cache and the request
                 goes back to the head of `waiting`, holding them; admitted with them counted as
                 computed (cached tokens), it computes the rest (at least the last prompt token)
     P           a step result's `kv_send_done` (the notification arrived): frees the blocks;
                 with no notification for `abort_request_timeout` seconds, frees them anyway
 
-A failed read (P unreachable, bad remote parameters, a layout mismatch) comes back as
-`kv_recv_failed`: D frees the blocks and computes the request itself. The reads run
-synchronously in the worker before the forward of the step that carries them (like the
-shared-memory connector's loads); that step does not compute the reading request, so other
-requests keep running, but they wait for the read too.
+A failed read (P unreachable, bad remote parameters, a layout mismatch, a transfer error or
+timeout) comes back as `kv_recv_failed`: D frees the blocks and computes the request itself. A
+request aborted while its read is in flight keeps its blocks until the read has finished (the
+READ may still write them), then frees them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 from enginecore.config import EngineConfig, KVTransferConfig
 from enginecore.kv_cache import KVCacheManager
 from enginecore.protocol import KVRemoteRead, KVTransferMeta, KVTransferParams, StepResult
-from enginecore.request import Request
+from enginecore.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class NixlConnector:
         # Producer: finished requests whose blocks wait for a consumer: req_id -> (request,
         # monotonic deadline). They left the scheduler's `requests`; the blocks are still theirs.
         self.held: dict[str, tuple[Request, float]] = {}
-        # Consumer: requests whose read is in a step sent but not applied yet.
+        # Consumer: requests whose read is sent and not finished (aborted ones too: their
+        # blocks are freed only when the read ends).
         self.recving: dict[str, Request] = {}
         self.num_read_blocks = 0  # cumulative blocks read from producers
         self._reads: list[KVRemoteRead] = []
@@ -74,9 +76,10 @@ class NixlConnector:
         self._reads = []
         return meta
 
-    def has_meta(self) -> bool:
-        """Reads wait to be sent: the next step must go out even if it computes nothing."""
-        return bool(self._reads)
+    def needs_step(self) -> bool:
+        """Reads wait to be sent or are in flight: the next step must go out even if it
+        computes nothing (the workers poll reads at each step)."""
+        return bool(self._reads or self.recving)
 
     # ------------------------------------------------ consumer
 
@@ -130,7 +133,10 @@ class NixlConnector:
         for req_id in [*result.kv_recv_done, *result.kv_recv_failed]:
             request = self.recving.pop(req_id, None)
             if request is None:
-                continue  # aborted meanwhile
+                continue
+            if request.status >= RequestStatus.FINISHED_STOPPED:  # aborted while reading
+                kv.free(request)
+                continue
             if req_id in failed:
                 logger.warning("request %s: reading its KV from the prefill instance failed; "
                                "computing the prompt locally", req_id)

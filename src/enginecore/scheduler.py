@@ -50,10 +50,11 @@ request with the blocks the KV connector can load counted as computed (after loc
 a producer lists the full prompt blocks each step completes for saving. The connector's
 `take_meta()` rides in the step as `kv_transfer`. The NIXL connector (enginecore/nixl_connector.py)
 works per request instead: a consumer request with remote-prefill params first waits in
-`recving` for one step's remote read, then is admitted holding the read blocks; a producer holds a
-finished remote-decode request's blocks until the consumer's notification (`kv_send_done`) or a
-timeout. A step that computes nothing still goes out to carry reads, and every `_KV_POLL_S`
-while blocks are held, so the workers report notifications of an otherwise idle producer.
+`recving` while its remote read runs, then is admitted holding the read blocks; a producer holds
+a finished remote-decode request's blocks until the consumer's notification (`kv_send_done`) or
+a timeout. A step that computes nothing still goes out while reads are to be sent or in flight
+(the workers poll them), and every `_KV_POLL_S` while blocks are held, so the workers report
+notifications of an otherwise idle producer.
 
 Requests that can never run (empty prompt, prompt >= max_model_len, duplicate id) are refused by
 `add_request`, which returns their finish_reason="error" delta at once; they never enter a queue.
@@ -206,8 +207,9 @@ class Scheduler:
         return bool(self.requests)
 
     def has_held_blocks(self) -> bool:
-        """NixlConnector producer: finished requests' blocks wait for a consumer's read."""
-        return self.nixl is not None and bool(self.nixl.held)
+        """NixlConnector: finished requests' blocks wait for a consumer's read (producer), or
+        for the end of their own read (consumer, aborted while reading)."""
+        return self.nixl is not None and bool(self.nixl.held or self.nixl.recving)
 
     def reset_prefix_cache(self) -> bool:
         """Forget all cached prefixes; False while any block is in use."""
@@ -233,7 +235,8 @@ class Scheduler:
         if num_prompt >= self.max_model_len:
             return (f"prompt of {num_prompt} tokens leaves no room under max_model_len="
                     f"{self.max_model_len} (model limit or KV-cache capacity)")
-        if req.request_id in self.requests or (self.nixl and req.request_id in self.nixl.held):
+        if req.request_id in self.requests or (self.nixl and (
+                req.request_id in self.nixl.held or req.request_id in self.nixl.recving)):
             return "duplicate request id"
         limit = min(self.encoder_budget, self.encoder_cache.cache_size)
         for item in req.mm_inputs or ():
@@ -256,16 +259,19 @@ class Scheduler:
 
     def _finish(self, request: Request, reason: str) -> KVTransferParams | None:
         """Take `request` out; the kv_transfer_params of its held blocks, if it holds them."""
+        reading = False
         if request.status is _RUNNING:
             self.running.remove(request)
             self._finished_ids.append(request.request_id)  # workers hold it: tell them
-        elif self.nixl is None or self.nixl.recving.pop(request.request_id, None) is None:
+        elif self.nixl is not None and request.request_id in self.nixl.recving:
+            reading = True  # a READ may still fill its blocks: freed when the read ends
+        else:
             self.waiting.remove(request)
         request.finish(reason)
         held = None
         if self.nixl is not None and reason in ("stop", "length"):
             held = self.nixl.hold(request, self.kv)
-        if held is None:
+        if held is None and not reading:
             self.kv.free(request)  # safe with steps in flight: see the module docstring
         self.encoder_cache.release_all(request)
         self._forget_in_flight(request)
@@ -298,7 +304,7 @@ class Scheduler:
         held blocks whose release notifications only a step result reports)."""
         if self.nixl is None:
             return False
-        return self.nixl.has_meta() or (
+        return self.nixl.needs_step() or (
             bool(self.nixl.held) and time.monotonic() - self._last_step_time >= _KV_POLL_S)
 
     def _schedule_running(self, plan: _StepPlan) -> None:

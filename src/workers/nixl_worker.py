@@ -3,14 +3,17 @@
 The scheduler side (`enginecore/nixl_connector.py`) decides which blocks move; this side moves
 them. Every rank registers its KV-cache tensors with its agent (DRAM on CPU, VRAM on CUDA); a
 producer rank r also serves a side channel (ZMQ REP at side_channel_host:side_channel_port + r)
-answering `NixlHello` with `NixlAgentInfo`: its agent metadata and cache layout. Around each step:
+answering `NixlHello` with `NixlAgentInfo`: its agent metadata and cache layout. Each step:
 
-    before the forward   consumer: for each `KVRemoteRead` of the step, connect to the producer's
-                         rank r (side channel, once per producer), READ the remote blocks into
-                         the local ones, wait for every read; the ranks agree (MIN over the TP
-                         group) on which succeeded, then each notifies its producer rank with the
-                         producer's request id (after the agreement: no producer rank frees a
-                         block another consumer rank still reads)
+    before the forward   consumer: post a READ for each `KVRemoteRead` of the step (after
+                         connecting to the producer's rank r over its side channel, once per
+                         producer), then poll every read in flight: they run in the background
+                         while steps go on (the reading request is not scheduled meanwhile). A
+                         read is finished when the ranks agree (MIN over the TP group) that it is
+                         done everywhere, or failed somewhere and finished everywhere; then each
+                         rank notifies its producer rank with the producer's request id (no
+                         producer rank frees a block another consumer rank still reads) and
+                         rank 0 reports it: StepResult.kv_recv_done / kv_recv_failed
     after the forward    producer: collect notifications -> StepResult.kv_send_done
 
 Dimension legend: L layers, P planes (2: K and V), N num_blocks, S block_size, H kv heads,
@@ -47,7 +50,7 @@ from workers.parallel import TPGroup
 logger = logging.getLogger("workers.nixl")
 
 _HANDSHAKE_TIMEOUT_MS = 5000  # side-channel answer from a producer; past it the read fails
-_XFER_TIMEOUT_S = 60.0  # one step's reads, all together
+_XFER_TIMEOUT_S = 60.0  # one read; past it the read is aborted and fails
 
 
 def import_nixl() -> ModuleType:
@@ -99,6 +102,23 @@ def paired_runs(local: list[int], remote: list[int]) -> tuple[list[tuple[int, in
     return lruns, rruns
 
 
+# A read's state on one rank, ordered so that the MIN over ranks is the read's state.
+_IN_FLIGHT, _FAILED, _DONE = 0, 1, 2
+
+
+class _Read:
+    """A posted read on this rank: its transfer handle and state."""
+
+    __slots__ = ("read", "deadline", "handle", "state", "broken")
+
+    def __init__(self, read: KVRemoteRead, deadline: float):
+        self.read = read
+        self.deadline = deadline
+        self.handle: object | None = None
+        self.state = _IN_FLIGHT
+        self.broken = False  # the transfer failed: ask the producer's side channel again
+
+
 class _Remote(msgspec.Struct):
     """A producer rank this consumer rank has connected to."""
 
@@ -124,6 +144,7 @@ class NixlKVWorker:
         self._registered: tuple[list[int], object] | None = None  # (data_ptrs, reg handle)
         self._lock = threading.Lock()  # layout, shared with the side-channel thread
         self.remotes: dict[tuple[str, str, int], _Remote] = {}
+        self.reads: dict[str, _Read] = {}  # posted, not yet finished on every rank
         self.ctx = zmq.Context()
         if self.is_producer:
             sock = self.ctx.socket(zmq.REP)
@@ -176,10 +197,13 @@ class NixlKVWorker:
     # ------------------------------------------------ one step
 
     def run_step(self, step: ExecuteStep, runner) -> StepResult:
-        """Reads before the forward, notifications after it (see the module docstring)."""
+        """Post the step's reads and advance all in flight, run the forward, collect the
+        producer-side notifications (see the module docstring)."""
         self.register(runner.kv_caches)
-        reads = step.kv_transfer.reads if step.kv_transfer is not None else []
-        done, failed = self._read_all(reads) if reads else ([], [])
+        if step.kv_transfer is not None:
+            for read in step.kv_transfer.reads:
+                self._post(read)
+        done, failed = self._progress() if self.reads else ([], [])
         result = runner.execute(step)
         result.kv_recv_done, result.kv_recv_failed = done, failed
         if self.is_producer:
@@ -188,28 +212,37 @@ class NixlKVWorker:
                                    for msg in msgs]
         return result
 
-    def _read_all(self, reads: list[KVRemoteRead]) -> tuple[list[str], list[str]]:
-        """Run the reads together; (request ids read on every rank, ids failed on any)."""
-        handles: dict[int, object] = {}
-        ok = [True] * len(reads)
-        for i, read in enumerate(reads):
-            try:
-                handle = self._start(read)
-                if handle is not None:
-                    handles[i] = handle
-            except Exception as exc:
-                ok[i] = False
-                logger.warning("request %s: NIXL read from %s:%d failed: %s", read.req_id,
-                               read.host, read.port + self.rank, exc)
-        broken = self._wait(reads, handles, ok)
-        # Every rank must agree: a block read on rank 0 but not on rank 1 is not usable.
-        ok = [bool(self.tp.min(int(flag))) for flag in ok]
-        for read in reads:
-            self._notify(read)
-        for read in broken:
-            self._forget(read)
-        return ([r.req_id for r, flag in zip(reads, ok, strict=True) if flag],
-                [r.req_id for r, flag in zip(reads, ok, strict=True) if not flag])
+    def _post(self, read: KVRemoteRead) -> None:
+        """Start one read (a failure to start is a failed read, reported like any other)."""
+        entry = _Read(read, time.monotonic() + _XFER_TIMEOUT_S)
+        try:
+            entry.handle = self._start(read)
+            if entry.handle is None:
+                entry.state = _DONE
+        except Exception as exc:
+            entry.state = _FAILED
+            logger.warning("request %s: NIXL read from %s:%d failed: %s", read.req_id,
+                           read.host, read.port + self.rank, exc)
+        self.reads[read.req_id] = entry
+
+    def _progress(self) -> tuple[list[str], list[str]]:
+        """Poll the reads in flight; (request ids read on every rank, ids failed on any rank
+        and finished on all). A read still in flight anywhere is reported later."""
+        for entry in self.reads.values():
+            if entry.state == _IN_FLIGHT:
+                self._poll(entry)
+        done, failed = [], []
+        # Every rank holds the same reads in the same order (same steps): one MIN each.
+        for req_id, entry in list(self.reads.items()):
+            state = self.tp.min(entry.state)
+            if state == _IN_FLIGHT:
+                continue
+            del self.reads[req_id]
+            self._notify(entry.read)
+            if entry.broken:
+                self._forget(entry.read)
+            (done if state == _DONE else failed).append(req_id)
+        return done, failed
 
     def _start(self, read: KVRemoteRead) -> object | None:
         """Post one read; its transfer handle (None: no blocks, only the notification)."""
@@ -228,26 +261,24 @@ class NixlKVWorker:
             raise RuntimeError("transfer refused")
         return handle
 
-    def _wait(self, reads: list[KVRemoteRead], handles: dict[int, object],
-              ok: list[bool]) -> list[KVRemoteRead]:
-        """Wait for every posted read (marking failures in `ok`); the reads whose transfer
-        failed: their producer is asked again next time."""
-        broken = []
-        deadline = time.monotonic() + _XFER_TIMEOUT_S
-        while handles:
-            for i, handle in list(handles.items()):
-                state = self.agent.check_xfer_state(handle)
-                late = time.monotonic() > deadline
-                if state == "PROC" and not late:
-                    continue
-                if state != "DONE":
-                    ok[i] = False
-                    logger.warning("request %s: NIXL read %s", reads[i].req_id,
-                                   "timed out" if late else "failed")
-                    broken.append(reads[i])
-                self.agent.release_xfer_handle(handle)
-                del handles[i]
-        return broken
+    def _poll(self, entry: _Read) -> None:
+        state = self.agent.check_xfer_state(entry.handle)
+        if state == "PROC":
+            if time.monotonic() < entry.deadline:
+                return
+            try:
+                self.agent.release_xfer_handle(entry.handle)  # aborts it
+            except Exception:
+                return  # cannot be aborted yet: it may still write, so it stays in flight
+            logger.warning("request %s: NIXL read timed out", entry.read.req_id)
+            entry.state, entry.broken = _FAILED, True
+            return
+        self.agent.release_xfer_handle(entry.handle)
+        if state == "DONE":
+            entry.state = _DONE
+        else:
+            logger.warning("request %s: NIXL read failed (%s)", entry.read.req_id, state)
+            entry.state, entry.broken = _FAILED, True
 
     def _notify(self, read: KVRemoteRead) -> None:
         """Tell the producer rank it may free the blocks (failed reads too: no retry comes)."""

@@ -96,9 +96,13 @@ def test_consumer_reads_full_prompt_blocks_then_computes_the_rest():
     assert (read.req_id, read.remote_request_id, read.engine_id, read.port) == \
         ("d", "p-1", "p", 7100)
     assert read.remote_block_ids == [7, 8] and len(read.local_block_ids) == 2
-    assert sched.schedule() is None  # waits for the read's result
-    # Result of the read step: rank agreement says done.
-    sched.update(read_step, StepResult(read_step.step_id, [], [], kv_recv_done=["d"]))
+    # While the read runs, empty steps go out: the workers poll it at each step.
+    poll = sched.schedule()
+    assert poll.num_scheduled_tokens == {} and poll.kv_transfer is None
+    sched.update(read_step, StepResult(read_step.step_id, [], []))  # still in flight
+    assert sched.requests["d"] in sched.nixl.recving.values() and not sched.waiting
+    # The workers agree the read is done (reported with the poll step's result).
+    sched.update(poll, StepResult(poll.step_id, [], [], kv_recv_done=["d"]))
     step, deltas = run(sched)
     (new,) = step.new
     assert new.num_computed_tokens == 8 and step.num_scheduled_tokens == {"d": 3}
@@ -135,16 +139,20 @@ def test_failed_read_computes_the_prompt_locally():
     assert step.kv_transfer is None and deltas[0].num_cached_tokens == 0
 
 
-def test_abort_while_reading_frees_the_blocks_and_ignores_the_result():
+def test_abort_while_reading_frees_the_blocks_once_the_read_ends():
     sched = make("kv_consumer")
     add(sched, "d", remote([7, 8]))
     read_step = sched.schedule()
     (delta,) = sched.abort_requests(["d"])
     assert delta.finish_reason == "abort" and not sched.has_unfinished_requests()
-    assert sched.kv.num_free_blocks == sched.kv.num_total_blocks
+    # The READ may still write its blocks: they stay taken, and the id too, until it ends.
+    assert sched.kv.num_free_blocks == sched.kv.num_total_blocks - 2
+    assert sched.has_held_blocks()
+    assert sched.add_request(AddRequest("d", PROMPT, SamplingParams())) is not None
     assert sched.update(read_step, StepResult(read_step.step_id, [], [],
                                               kv_recv_done=["d"])) == []
-    assert sched.schedule() is None
+    assert sched.kv.num_free_blocks == sched.kv.num_total_blocks
+    assert not sched.has_held_blocks() and sched.schedule() is None
 
 
 def test_bad_remote_params_or_prompt_logprobs_compute_locally():
