@@ -7,11 +7,17 @@
     python scripts/pd_proxy.py --port 8000 --prefill http://127.0.0.1:8100 \\
         --decode http://127.0.0.1:8200
 
+With NIXL (any hosts), the instances instead run, e.g.
+    --kv-transfer-config '{"kv_connector": "NixlConnector", "kv_role": "kv_both",
+                           "side_channel_host": "10.0.0.1", "side_channel_port": 5600}'
+
 Each `/v1/completions` or `/v1/chat/completions` request is first sent to a prefill instance
-with `max_tokens=1` (not streamed): that computes the prompt, and the producer's KV connector
-saves its full blocks to the store. Then the original request goes to a decode instance, whose
-connector loads those blocks instead of computing them; its answer (streamed or not) is the
-proxy's answer. Several `--prefill` / `--decode` URLs are used round-robin. Other GET routes
+with `max_tokens=1` (not streamed) and `kv_transfer_params: {"do_remote_decode": true}`: that
+computes the prompt; the shared-memory connector saves its full blocks to the store, the NIXL
+one holds them and answers with `kv_transfer_params` saying where they are. Then the original
+request goes to a decode instance, with those `kv_transfer_params` when the prefill answer has
+them; its connector loads the blocks instead of computing them; its answer (streamed or not) is
+the proxy's answer. Several `--prefill` / `--decode` URLs are used round-robin. Other GET routes
 (`/v1/models`, `/health`) go to a decode instance. A prefill error is returned as is.
 """
 
@@ -28,7 +34,8 @@ _HOP_HEADERS = ("Authorization",)
 
 def prefill_body(body: dict) -> dict:
     """The request as the prefill instance gets it: one token, one choice, not streamed."""
-    out = {**body, "max_tokens": 1, "stream": False, "n": 1}
+    out = {**body, "max_tokens": 1, "stream": False, "n": 1,
+           "kv_transfer_params": {"do_remote_decode": True}}
     if "max_completion_tokens" in body:
         out["max_completion_tokens"] = 1
     for key in ("stream_options", "min_tokens", "best_of"):
@@ -72,6 +79,9 @@ class Proxy:
             if pre.status != 200:
                 return web.Response(status=pre.status, body=await pre.read(),
                                     content_type=pre.content_type)
+            params = (await pre.json()).get("kv_transfer_params")
+        if params is not None:  # NixlConnector: where D reads the prompt's KV
+            body = {**body, "kv_transfer_params": params}
         async with self.session.post(next(self.decode) + request.path, json=body,
                                      headers=headers) as dec:
             return await self._relay(request, dec)

@@ -62,7 +62,7 @@ def test_consumer_loads_producer_blocks_and_matches_one_instance(tiny_model_dir,
 
 @pytest.mark.parametrize("value, match", [
     ({"kv_connector": "Nope"}, "kv_connector"),
-    ({"kv_connector": "NixlConnector"}, "NixlConnector"),
+    ({"kv_connector": "NixlConnector", "side_channel_port": 70000}, "side_channel_port"),
     ({"kv_role": "kv_sideways"}, "kv_role"),
 ])
 def test_bad_kv_transfer_config_names_the_field(tiny_model_dir, value, match):

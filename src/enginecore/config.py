@@ -193,14 +193,25 @@ SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp")
 
 class KVTransferConfig(msgspec.Struct, frozen=True, kw_only=True):
     """`--kv-transfer-config`: disaggregated prefill (docs/parallelism.md). A producer instance
-    (prefill) writes the KV of every full prompt block it computes to a store; a consumer
-    (decode) loads the blocks it finds there instead of computing them."""
+    (prefill) computes prompts; a consumer (decode) loads their KV instead of computing it:
+    SharedMemoryConnector through a block store both see, NixlConnector by NIXL reads from the
+    producer's registered KV cache (requests carry `kv_transfer_params`)."""
 
     kv_connector: str = "SharedMemoryConnector"  # SharedMemoryConnector | NixlConnector
     kv_role: Literal["kv_producer", "kv_consumer", "kv_both"] = "kv_both"
     kv_buffer_device: str = "cuda"  # vLLM's field; the shared-memory connector stages via host
     # SharedMemoryConnector: {"shm_path": dir shared by the instances, default /dev/shm/...}
+    # NixlConnector: {"backends": ["UCX"]} (NIXL transfer backends)
     kv_connector_extra_config: dict[str, Any] = {}
+    # NixlConnector. This instance's id in kv_transfer_params (None: "<host>:<port>"), and its
+    # side channel, where a consumer fetches the NIXL agent metadata and cache layout: rank r
+    # listens on side_channel_port + r (vLLM: VLLM_NIXL_SIDE_CHANNEL_HOST / _PORT).
+    engine_id: str | None = None
+    side_channel_host: str = "127.0.0.1"
+    side_channel_port: int = 5600
+    # Seconds a producer holds a finished request's blocks for a consumer that never reads
+    # them (vLLM: VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
+    abort_request_timeout: float = 480.0
 
     @property
     def is_producer(self) -> bool:
@@ -221,19 +232,43 @@ class KVTransferConfig(msgspec.Struct, frozen=True, kw_only=True):
         """File of one block (all layers) of tensor-parallel rank `rank`; key = block hash."""
         return str(Path(store) / f"{key}.r{rank}")
 
-    def validate(self, prefix_caching: bool) -> None:
+    @property
+    def nixl_engine_id(self) -> str:
+        """The id a NixlConnector instance puts in kv_transfer_params."""
+        return self.engine_id or f"{self.side_channel_host}:{self.side_channel_port}"
+
+    def validate(self, prefix_caching: bool, data_parallel_size: int = 1) -> None:
         """Raise ValueError naming the bad field."""
         if self.kv_connector == "NixlConnector":
-            missing = importlib.util.find_spec("nixl") is None
-            raise ValueError("kv_connector NixlConnector " + (
-                "needs the `nixl` package, which is not installed" if missing else
-                "is not implemented by this engine yet; use SharedMemoryConnector"))
+            self._validate_nixl(data_parallel_size)
+            return
         if self.kv_connector != "SharedMemoryConnector":
             raise ValueError(f"kv_connector {self.kv_connector!r} is unknown; choose "
                              "SharedMemoryConnector (same host) or NixlConnector")
         if not prefix_caching:
             raise ValueError("kv_transfer_config needs enable_prefix_caching: blocks are "
                              "named by their prefix-cache hash")
+
+    def _validate_nixl(self, data_parallel_size: int) -> None:
+        if not any(importlib.util.find_spec(m) for m in _NIXL_MODULES):
+            raise ValueError("kv_connector NixlConnector needs the `nixl` package, which is not "
+                             "installed (pip install 'tinyllm-serve[nixl]')")
+        if not 0 < self.side_channel_port < 65536:
+            raise ValueError(f"side_channel_port: {self.side_channel_port} is not a TCP port")
+        if not self.abort_request_timeout > 0:
+            raise ValueError("abort_request_timeout: must be > 0 seconds")
+        backends = self.kv_connector_extra_config.get("backends", ["UCX"])
+        if not (isinstance(backends, list) and backends
+                and all(isinstance(b, str) for b in backends)):
+            raise ValueError("kv_connector_extra_config.backends: a non-empty list of NIXL "
+                             "backend names, e.g. [\"UCX\"]")
+        if data_parallel_size > 1:
+            raise ValueError("kv_connector NixlConnector with data_parallel_size > 1 is not "
+                             "supported: run one instance per data-parallel rank")
+
+
+# Where the NIXL bindings live: the `nixl` meta package re-exports one of the others.
+_NIXL_MODULES = ("nixl", "nixl_cu12", "nixl_cu13")
 
 
 # vLLM's backends that this engine does not implement: named in the error a user gets.
@@ -348,7 +383,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("enable_lora: LoRA with tensor_parallel_size > 1 is not supported")
         self.parallel.validate_data_parallel()
         if self.kv_transfer is not None:
-            self.kv_transfer.validate(self.cache.enable_prefix_caching)
+            self.kv_transfer.validate(self.cache.enable_prefix_caching,
+                                      self.parallel.data_parallel_size)
         backend = self.structured_outputs.backend
         if backend not in ("auto", "guidance"):
             known = "a vLLM backend this engine does not implement" \

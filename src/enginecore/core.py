@@ -53,6 +53,9 @@ from enginecore.scheduler import Scheduler
 logger = logging.getLogger("enginecore")
 
 _IDLE_POLL_S = 0.5  # how often an idle loop checks its parent and workers
+# An otherwise idle NixlConnector producer holding blocks: how often it steps (empty steps) so
+# the workers report consumers' notifications and the scheduler applies its timeout.
+_KV_POLL_S = 0.05
 # How often a client hears from the core at least; clients declare a core dead after
 # Env.PEER_TIMEOUT_S of silence.
 _HEARTBEAT_S = min(1.0, Env.PEER_TIMEOUT_S / 5)
@@ -110,8 +113,9 @@ class EngineCore:
             raise ValueError(f"level: must be 1 or 2, got {level}")
         if self.asleep:
             raise ValueError("already asleep")
-        if self.has_work():
-            raise ValueError("the engine is busy: sleep when no request is running")
+        if self.has_work() or self.scheduler.has_held_blocks():
+            raise ValueError("the engine is busy: sleep when no request is running (and no "
+                             "decode instance still has to read KV blocks)")
         self._worker_call(self.executor.sleep(level))
         self.scheduler.reset_prefix_cache()  # the cached KV contents are gone
         self.asleep = set(SLEEP_TAGS)
@@ -269,9 +273,13 @@ class EngineCoreProc:
             while not self.stopping:
                 # Asleep: requests wait (the scheduler keeps them) until every part is awake.
                 runnable = self.core.has_work() and not self.core.asleep
-                self._process_inputs(block=not runnable)
-                if self.core.has_work() and not self.core.asleep:
+                holding = self.core.scheduler.has_held_blocks()
+                self._process_inputs(block=not runnable,
+                                     timeout=_KV_POLL_S if holding else _IDLE_POLL_S)
+                if (self.core.has_work() or holding) and not self.core.asleep:
                     self._emit(self.core.step())
+                    if holding:  # freed blocks show in the heartbeat's stats
+                        self.latest_stats = self.core.scheduler.stats()
                 if time.monotonic() - last_check > _IDLE_POLL_S:
                     last_check = time.monotonic()
                     if os.getppid() != self.parent_pid:
@@ -294,9 +302,9 @@ class EngineCoreProc:
         return self.watch_clients and self.last_input is not None and \
             time.monotonic() - self.last_input > Env.PEER_TIMEOUT_S
 
-    def _process_inputs(self, block: bool) -> None:
+    def _process_inputs(self, block: bool, timeout: float = _IDLE_POLL_S) -> None:
         try:
-            msg = self.input_queue.get(timeout=_IDLE_POLL_S) if block else \
+            msg = self.input_queue.get(timeout=timeout) if block else \
                 self.input_queue.get_nowait()
         except queue.Empty:
             return

@@ -27,6 +27,7 @@ import os
 from typing import Protocol
 
 from enginecore.config import EngineConfig, KVTransferConfig
+from enginecore.nixl_connector import NixlConnector
 from enginecore.protocol import KVBlockIO, KVTransferMeta
 
 
@@ -100,4 +101,6 @@ def make_kv_connector(config: EngineConfig) -> KVConnector | None:
     """The scheduler-side connector `config.kv_transfer` asks for (None when it is off)."""
     if config.kv_transfer is None:
         return None
+    if config.kv_transfer.kv_connector == "NixlConnector":
+        return NixlConnector(config, config.kv_transfer)
     return SharedMemoryConnector(config, config.kv_transfer)

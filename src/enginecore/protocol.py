@@ -59,6 +59,40 @@ class PromptEmbeds(msgspec.Struct, array_like=True, gc=False):
     hash: str  # sha256 of dtype, shape and data: the prefix-cache key of these rows
 
 
+class KVTransferParams(msgspec.Struct, kw_only=True):
+    """vLLM's `kv_transfer_params` (NixlConnector), on a request and on its final output.
+
+    To a prefill instance: {"do_remote_decode": true}: on finishing it holds the prompt's blocks
+    and answers with the fields a decode instance needs to read them ({"do_remote_prefill": true,
+    remote_*}); the proxy passes those on as the decode request's `kv_transfer_params`.
+    """
+
+    do_remote_decode: bool = False  # P: keep the prompt's KV for a decode instance to read
+    do_remote_prefill: bool = False  # D: read the prompt's KV from the prefill instance
+    remote_engine_id: str | None = None
+    remote_block_ids: list[int] | None = None  # P's blocks of the full prompt blocks, in order
+    remote_host: str | None = None  # P's NIXL side channel (rank r listens on port + r)
+    remote_port: int | None = None
+    remote_request_id: str | None = None  # P's id of the request: the notification names it
+    tp_size: int = 1  # P's tensor-parallel size (D must match: rank r reads from rank r)
+
+    def remote_prefill_error(self, tp_size: int) -> str | None:
+        """Why a consumer of `tp_size` ranks cannot read with these do_remote_prefill params."""
+        for name in ("remote_engine_id", "remote_host", "remote_port", "remote_block_ids",
+                     "remote_request_id"):
+            if getattr(self, name) is None:
+                return f"kv_transfer_params.{name}: required with do_remote_prefill"
+        if self.tp_size != tp_size:
+            return (f"kv_transfer_params.tp_size: the prefill instance runs "
+                    f"tensor_parallel_size={self.tp_size}, this one {tp_size}; NixlConnector "
+                    "needs them equal")
+        if not 0 < self.remote_port < 65536:
+            return f"kv_transfer_params.remote_port: {self.remote_port} is not a TCP port"
+        if any(b < 0 for b in self.remote_block_ids):
+            return "kv_transfer_params.remote_block_ids: block ids are >= 0"
+        return None
+
+
 class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True, gc=False):
     request_id: str
     prompt_token_ids: list[int]
@@ -70,6 +104,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True,
     mm_inputs: list[MMInput] | None = None  # multimodal items, in prompt order
     lora: LoRARef | None = None
     prompt_embeds: PromptEmbeds | None = None
+    kv_transfer_params: KVTransferParams | None = None  # disaggregated prefill (NixlConnector)
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True, gc=False):
@@ -118,6 +153,8 @@ class TokenDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     finish_reason: str | None = None  # stop | length | abort | error
     stop_reason: int | str | None = None  # the stop token id that ended the request
     num_cached_tokens: int = 0
+    # Final delta of a request sent with do_remote_decode: where its held KV blocks are.
+    kv_transfer_params: KVTransferParams | None = None
 
 
 class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
@@ -231,11 +268,24 @@ class KVBlockIO(msgspec.Struct, array_like=True, gc=False):
     key: str  # the block's prefix-cache hash, hex: its name in the store
 
 
+class KVRemoteRead(msgspec.Struct, array_like=True, gc=False):
+    """NixlConnector: read a request's prompt blocks from a prefill instance, then tell it."""
+
+    req_id: str  # this instance's request
+    remote_request_id: str  # the prefill instance's: named in the notification that frees them
+    engine_id: str
+    host: str
+    port: int  # rank r's side channel is port + r
+    local_block_ids: list[int]
+    remote_block_ids: list[int]  # aligned with local_block_ids; empty: only notify
+
+
 class KVTransferMeta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """What the worker-side KV connector does around one step's forward."""
 
     loads: list[KVBlockIO] = []  # store -> cache, before the forward
     saves: list[KVBlockIO] = []  # cache -> store, after the forward
+    reads: list[KVRemoteRead] = []  # NixlConnector: remote cache -> cache, before the forward
 
 
 class ExecuteStep(msgspec.Struct, tag="exec", array_like=True, gc=False):
@@ -314,6 +364,12 @@ class StepResult(msgspec.Struct, tag="step", array_like=True, omit_defaults=True
     spec_token_ids: list[list[int]] | None = None
     # ... and the drafts proposed for its next step (empty: none).
     draft_token_ids: list[list[int]] | None = None
+    # NixlConnector. Consumer: reads of KVTransferMeta.reads that completed on every rank, and
+    # those that failed (computed locally instead). Producer: requests whose held blocks a
+    # consumer has read (its notification arrived): their blocks may be freed.
+    kv_recv_done: list[str] = []
+    kv_recv_failed: list[str] = []
+    kv_send_done: list[str] = []
 
 
 class MemoryReport(msgspec.Struct, tag="memory", array_like=True):
@@ -330,6 +386,33 @@ class WorkerError(msgspec.Struct, tag="worker_error", array_like=True):
 
 WorkerOutput = StepResult | MemoryReport | ControlResult | WorkerError
 
+# ---------------------------------------------------------------- NIXL side channel
+# A consumer's worker rank r asks the producer's rank r (ZMQ REQ to its side channel,
+# KVTransferConfig.side_channel_port + r) for what a NIXL READ from its cache needs.
+
+
+class NixlHello(msgspec.Struct, tag="nixl_hello", array_like=True):
+    tp_rank: int
+    tp_size: int
+
+
+class NixlAgentInfo(msgspec.Struct, tag="nixl_agent", array_like=True, omit_defaults=True):
+    """One producer rank's NIXL agent and KV-cache layout; `error` set: refused."""
+
+    engine_id: str = ""
+    agent_metadata: bytes = b""  # nixl_agent.get_agent_metadata()
+    mem_type: str = "DRAM"  # DRAM | VRAM
+    device_id: int = 0
+    base_addrs: list[int] = []  # per layer: address of its cache tensor [P, num_blocks, ...]
+    num_blocks: int = 0
+    block_bytes: int = 0  # one block of one plane (K or V) of one layer
+    plane_bytes: int = 0  # stride between planes (num_blocks * block_bytes when contiguous)
+    num_planes: int = 2
+    error: str | None = None
+
+
+NixlSideChannel = NixlHello | NixlAgentInfo
+
 # ---------------------------------------------------------------- codecs
 
 core_input_decoder = msgspec.msgpack.Decoder(CoreInput)
@@ -337,6 +420,7 @@ core_output_decoder = msgspec.msgpack.Decoder(CoreOutput)
 worker_input_decoder = msgspec.msgpack.Decoder(WorkerInput)
 worker_output_decoder = msgspec.msgpack.Decoder(WorkerOutput)
 dp_handshake_decoder = msgspec.msgpack.Decoder(DPHandshake)
+nixl_side_channel_decoder = msgspec.msgpack.Decoder(NixlSideChannel)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

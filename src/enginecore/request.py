@@ -53,7 +53,7 @@ class Request:
         "sampling", "priority", "arrival_time", "cache_salt", "status", "num_computed_tokens",
         "num_cached_tokens", "block_hashes", "num_prompt_logprobs_sent",
         "num_output_placeholders", "mm_inputs", "encoder_refs", "lora", "prompt_embeds",
-        "spec_token_ids",
+        "spec_token_ids", "kv_transfer_params", "num_loaded_tokens",
     )
 
     def __init__(self, add: AddRequest) -> None:
@@ -85,6 +85,10 @@ class Request:
         self.encoder_refs: set[int] = set()
         # Speculative decoding: drafts the workers proposed for this request's next step.
         self.spec_token_ids: list[int] = []
+        # NixlConnector: the request's kv_transfer_params (consumed once acted on), and, while it
+        # waits holding blocks a remote read filled, how many tokens they hold (None: no read).
+        self.kv_transfer_params = add.kv_transfer_params
+        self.num_loaded_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -166,6 +170,7 @@ class Request:
         self.status = RequestStatus.PREEMPTED
         self.num_computed_tokens = 0
         self.num_output_placeholders = 0  # in-flight tokens are dropped and sampled again
+        self.num_loaded_tokens = None  # its blocks are freed: recomputed like the rest
         self.spec_token_ids = []  # the workers forget their draft state too
 
     def finish(self, finish_reason: str) -> None:

@@ -48,7 +48,13 @@ config turns async scheduling off), so no step is ever in flight when schedule()
 Disaggregated prefill (`kv_transfer_config`, see enginecore/kv_transfer.py): a consumer admits a
 request with the blocks the KV connector can load counted as computed (after local prefix hits);
 a producer lists the full prompt blocks each step completes for saving. The connector's
-`take_meta()` rides in the step as `kv_transfer`.
+`take_meta()` rides in the step as `kv_transfer`. The NIXL connector (enginecore/nixl_connector.py)
+works per request instead: a consumer request with remote-prefill params first waits in
+`recving` while its remote read runs, then is admitted holding the read blocks; a producer holds
+a finished remote-decode request's blocks until the consumer's notification (`kv_send_done`) or
+a timeout. A step that computes nothing still goes out while reads are to be sent or in flight
+(the workers poll them), and every `_KV_POLL_S` while blocks are held, so the workers report
+notifications of an otherwise idle producer.
 
 Requests that can never run (empty prompt, prompt >= max_model_len, duplicate id) are refused by
 `add_request`, which returns their finish_reason="error" delta at once; they never enter a queue.
@@ -61,15 +67,18 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 from enginecore.config import EngineConfig
 from enginecore.encoder_cache import EncoderCacheManager
 from enginecore.kv_cache import KVCacheManager
 from enginecore.kv_transfer import make_kv_connector
+from enginecore.nixl_connector import NixlConnector
 from enginecore.protocol import (
     AddRequest,
     CachedReqs,
     ExecuteStep,
+    KVTransferParams,
     NewReq,
     SchedulerStats,
     StepResult,
@@ -81,6 +90,8 @@ from enginecore.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 _RUNNING = RequestStatus.RUNNING
+
+_KV_POLL_S = 0.05  # NixlConnector: the most an idle producer waits to hear of finished reads
 
 # An in-flight step's record: req_id -> (request, its num_computed_tokens before the step).
 _Scheduled = dict[str, tuple[Request, int]]
@@ -164,6 +175,8 @@ class Scheduler:
         self.num_lookahead = self.num_spec_tokens if spec.method not in (None, "ngram") else 0
         self._spec = _SpecCounters(self.num_spec_tokens)
         self.connector = make_kv_connector(config)  # disaggregated prefill, or None
+        self.nixl = self.connector if isinstance(self.connector, NixlConnector) else None
+        self._last_step_time = 0.0  # monotonic: when the last step was built
 
     # ------------------------------------------------------------ requests in and out
 
@@ -193,6 +206,11 @@ class Scheduler:
         """True while any request is waiting or running."""
         return bool(self.requests)
 
+    def has_held_blocks(self) -> bool:
+        """NixlConnector: finished requests' blocks wait for a consumer's read (producer), or
+        for the end of their own read (consumer, aborted while reading)."""
+        return self.nixl is not None and bool(self.nixl.held or self.nixl.recving)
+
     def reset_prefix_cache(self) -> bool:
         """Forget all cached prefixes; False while any block is in use."""
         return self.kv.reset_prefix_cache()
@@ -217,7 +235,8 @@ class Scheduler:
         if num_prompt >= self.max_model_len:
             return (f"prompt of {num_prompt} tokens leaves no room under max_model_len="
                     f"{self.max_model_len} (model limit or KV-cache capacity)")
-        if req.request_id in self.requests:
+        if req.request_id in self.requests or (self.nixl and (
+                req.request_id in self.nixl.held or req.request_id in self.nixl.recving)):
             return "duplicate request id"
         limit = min(self.encoder_budget, self.encoder_cache.cache_size)
         for item in req.mm_inputs or ():
@@ -238,17 +257,26 @@ class Scheduler:
         else:
             self.waiting.append(request)
 
-    def _finish(self, request: Request, reason: str) -> None:
+    def _finish(self, request: Request, reason: str) -> KVTransferParams | None:
+        """Take `request` out; the kv_transfer_params of its held blocks, if it holds them."""
+        reading = False
         if request.status is _RUNNING:
             self.running.remove(request)
             self._finished_ids.append(request.request_id)  # workers hold it: tell them
+        elif self.nixl is not None and request.request_id in self.nixl.recving:
+            reading = True  # a READ may still fill its blocks: freed when the read ends
         else:
             self.waiting.remove(request)
         request.finish(reason)
-        self.kv.free(request)  # safe with steps in flight: see the module docstring
+        held = None
+        if self.nixl is not None and reason in ("stop", "length"):
+            held = self.nixl.hold(request, self.kv)
+        if held is None and not reading:
+            self.kv.free(request)  # safe with steps in flight: see the module docstring
         self.encoder_cache.release_all(request)
         self._forget_in_flight(request)
         del self.requests[request.request_id]
+        return held
 
     def _forget_in_flight(self, request: Request) -> None:
         """Make update() ignore what the steps already sent computed for `request`."""
@@ -265,9 +293,19 @@ class Scheduler:
                 self.encoder_cache.release_done(request)
         self._schedule_running(plan)
         self._schedule_waiting(plan)
-        if not plan.num_scheduled:
+        if self.nixl is not None:
+            self.nixl.expire(self.kv)
+        if not plan.num_scheduled and not self._kv_step_due():
             return None
         return self._build_step(plan)
+
+    def _kv_step_due(self) -> bool:
+        """NixlConnector: a step must go out although it computes nothing (reads to send, or
+        held blocks whose release notifications only a step result reports)."""
+        if self.nixl is None:
+            return False
+        return self.nixl.needs_step() or (
+            bool(self.nixl.held) and time.monotonic() - self._last_step_time >= _KV_POLL_S)
 
     def _schedule_running(self, plan: _StepPlan) -> None:
         for request in list(self.running):
@@ -356,8 +394,16 @@ class Scheduler:
                 # Re-admitting it in the step that evicted it would only churn: workers forget
                 # and re-add it, and it recomputes what it just dropped.
                 break
-            hit_blocks, num_hit = self.kv.get_computed_blocks(request)
-            num_ext = self._num_external_tokens(request, len(hit_blocks))
+            if self.nixl is not None and self.nixl.wants_read(request):
+                if not self.nixl.start_read(request, self.kv):
+                    break  # too few free blocks for the read: keep FCFS order
+                self.waiting.pop(i)  # back at the head of waiting when the read is done
+                continue
+            if request.num_loaded_tokens is not None:  # read from a producer; holds the blocks
+                hit_blocks, num_hit, num_ext = [], 0, request.num_loaded_tokens
+            else:
+                hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+                num_ext = self._num_external_tokens(request, len(hit_blocks))
             num_new = request.num_tokens - num_hit - num_ext
             if num_new > plan.budget:
                 if not self.sched_config.enable_chunked_prefill:
@@ -371,9 +417,13 @@ class Scheduler:
                 request, num_ext + num_new, computed_blocks=hit_blocks,
                 num_lookahead_tokens=self._lookahead(request, num_hit + num_ext + num_new))
             if block_ids is None:
+                if not self.running and self.nixl is not None and \
+                        self.nixl.drop_loaded(self.waiting, request, self.kv):
+                    continue  # retry with the blocks other waiting requests gave back
                 break
-            if num_ext:
+            if num_ext and request.num_loaded_tokens is None:
                 self._load_external(request, len(hit_blocks), block_ids, num_ext)
+            request.num_loaded_tokens = None
             self.waiting.pop(i)
             if loras is not None and request.lora is not None:
                 loras.add(request.lora.int_id)
@@ -495,6 +545,7 @@ class Scheduler:
             if request.num_computed_tokens - num_drafts == request.num_tokens_with_placeholders:
                 request.num_output_placeholders += 1  # the workers sample one token here
         self._step_id += 1
+        self._last_step_time = time.monotonic()
         self._in_flight[self._step_id] = scheduled
         step = ExecuteStep(self._step_id, new, cached, num_scheduled, finished=self._finished_ids,
                            encoder_inputs=plan.encoder_inputs,
@@ -511,6 +562,10 @@ class Scheduler:
         """Apply a step's result: one delta per request that got tokens or prompt logprobs."""
         # Requests that left since the step was sent are no longer in its record: skipped.
         scheduled = self._in_flight.pop(step.step_id)
+        if self.nixl is not None:
+            self.nixl.release(result.kv_send_done, self.kv)
+            for request in self.nixl.finish_reads(result, self.kv):
+                self._enqueue(request, front=True)
         # First: a failed request's KV (computed without its adapter) must never be cached.
         failed = self._fail(result.failed, scheduled)
         spec = step.scheduled_spec_tokens
@@ -537,7 +592,7 @@ class Scheduler:
                 self.kv.cache_full_blocks(
                     request, min(request.num_computed_tokens, request.num_tokens))
             if stop is not None:
-                self._finish(request, stop[0])
+                delta.kv_transfer_params = self._finish(request, stop[0])
                 delta.finish_reason, delta.stop_reason = stop
             elif result.draft_token_ids:
                 request.spec_token_ids = result.draft_token_ids[i]
@@ -564,6 +619,7 @@ class Scheduler:
                 deltas.append(TokenDelta(req_id, [], finish_reason="error",
                                          num_cached_tokens=request.num_cached_tokens))
         return deltas
+
     def _verify(self, request: Request, drafts: list[int], num_accepted: int) -> None:
         """Roll num_computed_tokens back over the rejected drafts and count acceptance."""
         request.num_computed_tokens -= len(drafts) - num_accepted

@@ -190,9 +190,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
                         help=argparse.SUPPRESS)
     parser.add_argument(
         "--kv-transfer-config", default=None, metavar="JSON",
-        help='disaggregated prefill, as JSON: {"kv_connector": "SharedMemoryConnector", '
-             '"kv_role": "kv_producer" | "kv_consumer" | "kv_both", '
-             '"kv_connector_extra_config": {"shm_path": DIR}} (docs/parallelism.md)')
+        help='disaggregated prefill, as JSON: {"kv_connector": "SharedMemoryConnector" | '
+             '"NixlConnector", "kv_role": "kv_producer" | "kv_consumer" | "kv_both", '
+             '"kv_connector_extra_config": {"shm_path": DIR}}; NixlConnector also takes '
+             '"side_channel_host", "side_channel_port", "engine_id", "abort_request_timeout" '
+             '(docs/parallelism.md)')
     server_group = parser.add_argument_group("ServerConfig")
     server_dests = _add_struct_flags(server_group, ServerConfig, engine=False)
     return parser, engine_dests, server_dests

@@ -34,6 +34,7 @@ from enginecore.protocol import (
     ControlResult,
     CoreReady,
     EngineOutputs,
+    KVTransferParams,
     LoRARef,
     MMInput,
     PromptEmbeds,
@@ -250,6 +251,7 @@ class AsyncEngine:
                        cache_salt: str | None = None,
                        output_kind: OutputKind = OutputKind.CUMULATIVE,
                        lora_request: LoRARequest | None = None,
+                       kv_transfer_params: KVTransferParams | None = None,
                        ) -> AsyncIterator[RequestOutput]:
         """Submit one request; yield RequestOutputs until it finishes.
 
@@ -265,7 +267,8 @@ class AsyncEngine:
         text, prompt_ids, mm_inputs = self.processor.process_prompt(prompt)
         parent = ParentRequest(request_id, text, prompt_ids, params.n, output_kind)
         child_ids = self._add(parent, params, priority, cache_salt, mm_inputs,
-                              None if lora_request is None else lora_request.to_ref(), embeds)
+                              None if lora_request is None else lora_request.to_ref(), embeds,
+                              kv_transfer_params)
         try:
             while True:
                 item = await parent.queue.get()
@@ -284,7 +287,8 @@ class AsyncEngine:
     def _add(self, parent: ParentRequest, params: SamplingParams, priority: int,
              cache_salt: str | None, mm_inputs: list[MMInput] | None = None,
              lora: LoRARef | None = None,
-             prompt_embeds: PromptEmbeds | None = None) -> list[str]:
+             prompt_embeds: PromptEmbeds | None = None,
+             kv_transfer_params: KVTransferParams | None = None) -> list[str]:
         """Fan out n > 1 into n engine requests (distinct seeds), validated before any is sent."""
         n = params.n
         child_ids = [parent.request_id] if n == 1 else \
@@ -298,7 +302,7 @@ class AsyncEngine:
             requests.append(self.processor.make_request(
                 child_id, parent.prompt_token_ids, child, client_index=self.client_index,
                 priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs, lora=lora,
-                prompt_embeds=prompt_embeds))
+                prompt_embeds=prompt_embeds, kv_transfer_params=kv_transfer_params))
         # All n completions go to one core: they share the prompt's prefix-cache blocks there.
         link = self._pick_link()
         for i, req in enumerate(requests):

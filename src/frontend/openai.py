@@ -23,6 +23,7 @@ from typing import Any, Literal, cast
 
 import msgspec
 
+from enginecore.protocol import KVTransferParams
 from sampling.params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger("frontend.openai")
@@ -186,6 +187,8 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # Disaggregated prefill with NixlConnector (docs/parallelism.md); ignored by other engines.
+    kv_transfer_params: KVTransferParams | None = None
 
     def _sampling_params(
         self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None
@@ -400,6 +403,7 @@ class CompletionResponse(msgspec.Struct, kw_only=True):
     object: Literal["text_completion"] = "text_completion"
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    kv_transfer_params: KVTransferParams | None = None  # a do_remote_decode request's answer
 
 
 CompletionStreamResponse = CompletionResponse
@@ -449,6 +453,7 @@ class ChatCompletionResponse(msgspec.Struct, kw_only=True):
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    kv_transfer_params: KVTransferParams | None = None  # a do_remote_decode request's answer
 
 
 class DeltaFunctionCall(msgspec.Struct, omit_defaults=True, kw_only=True):

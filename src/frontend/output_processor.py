@@ -10,7 +10,7 @@ import asyncio
 import copy
 from dataclasses import dataclass, field
 
-from enginecore.protocol import TokenDelta, TokenLogprobs
+from enginecore.protocol import KVTransferParams, TokenDelta, TokenLogprobs
 from frontend.detokenizer import IncrementalDetokenizer
 from frontend.outputs import CompletionOutput, Logprob, OutputKind, PositionLogprobs, RequestOutput
 from frontend.tokenizer import Tokenizer
@@ -46,6 +46,7 @@ class ParentRequest:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     num_finished: int = 0
+    kv_transfer_params: KVTransferParams | None = None
 
     def __post_init__(self) -> None:
         self.completions = [CompletionOutput(index=i) for i in range(self.n)]
@@ -62,7 +63,8 @@ class ParentRequest:
         self.queue.put_nowait(RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids, outputs=outputs, finished=self.finished,
-            prompt_logprobs=self.prompt_logprobs, num_cached_tokens=self.num_cached_tokens))
+            prompt_logprobs=self.prompt_logprobs, num_cached_tokens=self.num_cached_tokens,
+            kv_transfer_params=self.kv_transfer_params))
 
     def fail(self, error: BaseException) -> None:
         self.queue.put_nowait(error)
@@ -92,6 +94,8 @@ class RequestState:
             if self.index == 0:
                 parent.prompt_logprobs.extend(rows)
         parent.num_cached_tokens = max(parent.num_cached_tokens, delta.num_cached_tokens)
+        if delta.kv_transfer_params is not None:
+            parent.kv_transfer_params = delta.kv_transfer_params
         if delta.logprobs is not None:
             new.logprobs = format_logprobs(self.tokenizer, delta.logprobs)
             out.logprobs = (out.logprobs or []) + new.logprobs

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from enginecore.protocol import KVTransferParams
+
 
 class OutputKind(Enum):
     CUMULATIVE = "cumulative"  # every yield holds everything so far
@@ -51,3 +53,5 @@ class RequestOutput:
     # Entry 0 is None (the first prompt token has no context), then one dict per prompt token.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
+    # A prefill (NixlConnector, do_remote_decode) request's final output: where its KV waits.
+    kv_transfer_params: KVTransferParams | None = None

@@ -15,7 +15,7 @@ import msgspec
 
 from enginecore.config import EngineConfig
 from enginecore.lora_adapter import inspect_lora_adapter
-from enginecore.protocol import AddRequest, LoRARef, MMInput, PromptEmbeds
+from enginecore.protocol import AddRequest, KVTransferParams, LoRARef, MMInput, PromptEmbeds
 from frontend.multimodal import MultiModalProcessor
 from frontend.prompt_embeds import FLAG_OFF, tensor_to_prompt_embeds
 from frontend.tokenizer import Tokenizer
@@ -96,8 +96,13 @@ class Processor:
                      params: SamplingParams, *, client_index: int = 0, priority: int = 0,
                      cache_salt: str | None = None, mm_inputs: list[MMInput] | None = None,
                      lora: LoRARef | None = None,
-                     prompt_embeds: PromptEmbeds | None = None) -> AddRequest:
-        """Validate and build the engine request; `params.n` must already be 1."""
+                     prompt_embeds: PromptEmbeds | None = None,
+                     kv_transfer_params: KVTransferParams | None = None) -> AddRequest:
+        """Validate and build the engine request; `params.n` must already be 1.
+
+        `kv_transfer_params` (or, offline as in vLLM, `extra_args["kv_transfer_params"]`) are
+        kept only by a NixlConnector instance; others ignore them."""
+        params, kv_transfer_params = self._kv_transfer_params(params, kv_transfer_params)
         if lora is not None:
             self._check_lora(lora)
         max_len = self.max_model_len
@@ -133,7 +138,29 @@ class Processor:
         return AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                           sampling=params, client_index=client_index, arrival_time=time.time(),
                           priority=priority, cache_salt=cache_salt, mm_inputs=mm_inputs,
-                          lora=lora, prompt_embeds=prompt_embeds)
+                          lora=lora, prompt_embeds=prompt_embeds,
+                          kv_transfer_params=kv_transfer_params)
+
+    def _kv_transfer_params(self, params: SamplingParams, given: KVTransferParams | None
+                            ) -> tuple[SamplingParams, KVTransferParams | None]:
+        """Take kv_transfer_params out of extra_args; check them (None: not for this engine)."""
+        extra = params.extra_args
+        if extra is not None and "kv_transfer_params" in extra:
+            rest = {k: v for k, v in extra.items() if k != "kv_transfer_params"}
+            params = msgspec.structs.replace(params, extra_args=rest or None)
+            if given is None:
+                try:
+                    given = msgspec.convert(extra["kv_transfer_params"], KVTransferParams)
+                except msgspec.ValidationError as e:
+                    raise ValueError(f"kv_transfer_params: {e}") from None
+        kv = self.config.kv_transfer
+        if given is None or kv is None or kv.kv_connector != "NixlConnector":
+            return params, None
+        if given.do_remote_prefill:
+            error = given.remote_prefill_error(self.config.parallel.tensor_parallel_size)
+            if error is not None:
+                raise ValueError(error)
+        return params, given
 
     def _check_mm_inputs(self, mm_inputs: list[MMInput] | None) -> None:
         """An item must fit the encoder budget and cache, or it could never be scheduled."""

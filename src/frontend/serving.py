@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from enginecore.protocol import MMInput, PromptEmbeds
+from enginecore.protocol import KVTransferParams, MMInput, PromptEmbeds
 from frontend import openai as api
 from frontend.chat import ChatFeatures, ChatPlan, ChoiceParser
 from frontend.cli import ServerConfig
@@ -116,6 +116,9 @@ class _Job:
     created: int = field(default_factory=lambda: int(time.time()))
     num_cached: list[int] = field(default_factory=list)
     prompt_logprobs: list[list[PositionLogprobs | None] | None] = field(default_factory=list)
+    # NixlConnector: the request's kv_transfer_params, then (prefill) the answer's.
+    kv_transfer_params: KVTransferParams | None = None
+    kv_transfer_answer: KVTransferParams | None = None
 
     @property
     def num_logprobs(self) -> int | None:
@@ -262,6 +265,9 @@ class OpenAIServing:
                            "stream_options")
         if len(prompts) * req.n > _MAX_CHOICES:
             raise APIError(400, f"n: at most {_MAX_CHOICES} completions per request", "n")
+        if req.kv_transfer_params is not None and len(prompts) * req.n > 1:
+            raise APIError(400, "kv_transfer_params: only with one prompt and n=1",
+                           "kv_transfer_params")
         params = [self._sampling_params(req, p, plan) for p in prompts]
         prefix = "chatcmpl" if chat else "cmpl"
         job = _Job(request_id=f"{prefix}-{uuid.uuid4().hex}", model=model, chat=chat,
@@ -270,7 +276,7 @@ class OpenAIServing:
                    stream_options=req.stream_options,
                    return_prompt_logprobs=req.prompt_logprobs is not None,
                    num_cached=[0] * len(prompts), prompt_logprobs=[None] * len(prompts),
-                   lora=self.loras.adapters.get(model))
+                   lora=self.loras.adapters.get(model), kv_transfer_params=req.kv_transfer_params)
         job.choices = [_Choice(i, self.metrics.track(len(prompts[i // req.n].token_ids)
                                                      if i % req.n == 0 else 0))
                        for i in range(len(prompts) * req.n)]
@@ -294,7 +300,8 @@ class OpenAIServing:
                            f"the {where}, {params.max_tokens} for the completion).", "max_tokens")
         self.engine.processor.make_request("validate", prompt.token_ids, params,
                                            mm_inputs=prompt.mm_inputs,
-                                           prompt_embeds=prompt.embeds)
+                                           prompt_embeds=prompt.embeds,
+                                           kv_transfer_params=req.kv_transfer_params)
         return params
 
     def _log_request(self, job: _Job) -> None:
@@ -323,11 +330,12 @@ class OpenAIServing:
             {"prompt": p.text, "prompt_token_ids": p.token_ids, "mm_inputs": p.mm_inputs}
             if p.embeds is None else {"prompt_embeds": p.embeds}, params, job.engine_id(i),
             priority=job.priority, cache_salt=job.cache_salt, output_kind=OutputKind.DELTA,
-            lora_request=job.lora)
+            lora_request=job.lora, kv_transfer_params=job.kv_transfer_params)
             for i, (p, params) in enumerate(zip(job.prompts, job.params, strict=True))]
         try:
             async for i, out in _merge(streams):
                 job.num_cached[i] = out.num_cached_tokens
+                job.kv_transfer_answer = out.kv_transfer_params or job.kv_transfer_answer
                 job.prompt_logprobs[i] = out.prompt_logprobs
                 for delta in out.outputs:
                     choice = job.choices[i * job.n + delta.index]
@@ -426,7 +434,8 @@ class OpenAIServing:
                 prompt_logprobs=_api_prompt_logprobs(job.prompt_logprobs[i])
                 if job.return_prompt_logprobs else None))
         return api.CompletionResponse(id=job.request_id, choices=choices, created=job.created,
-                                      model=job.model, usage=job.usage())
+                                      model=job.model, usage=job.usage(),
+                                      kv_transfer_params=job.kv_transfer_answer)
 
     def _chat_response(self, job: _Job) -> api.ChatCompletionResponse:
         choices = []
@@ -440,7 +449,8 @@ class OpenAIServing:
                            if job.return_prompt_logprobs else None)
         return api.ChatCompletionResponse(id=job.request_id, choices=choices, created=job.created,
                                           model=job.model, usage=job.usage(),
-                                          prompt_logprobs=prompt_logprobs)
+                                          prompt_logprobs=prompt_logprobs,
+                                          kv_transfer_params=job.kv_transfer_answer)
 
     def _chat_message(self, job: _Job, c: _Choice) -> tuple[api.ChatResponseMessage, str | None]:
         """One choice's message (reasoning and tool calls split off) and finish reason."""

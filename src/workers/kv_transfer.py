@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from enginecore.config import EngineConfig, KVTransferConfig
-from enginecore.protocol import KVTransferMeta
+from enginecore.protocol import ExecuteStep, KVTransferMeta, StepResult
+from workers.nixl_worker import NixlKVWorker
+from workers.parallel import SINGLE, TPGroup
 
 
 class SharedMemoryKVWorker:
@@ -30,6 +32,19 @@ class SharedMemoryKVWorker:
         assert config.kv_transfer is not None
         self.store = config.kv_transfer.store_dir(config.kv_store_fingerprint())
         self.rank = rank
+
+    def register(self, kv_caches: list[torch.Tensor]) -> None:
+        """Nothing to register: blocks go through files."""
+
+    def run_step(self, step: ExecuteStep, runner) -> StepResult:
+        """Loads before the step's forward, saves after it."""
+        meta = step.kv_transfer
+        if meta is not None:
+            self.load(meta, runner.kv_caches)
+        result = runner.execute(step)
+        if meta is not None:
+            self.save(meta, runner.kv_caches)
+        return result
 
     def _path(self, key: str) -> str:
         return KVTransferConfig.block_file(self.store, key, self.rank)
@@ -63,8 +78,11 @@ class SharedMemoryKVWorker:
             os.replace(tmp, path)
 
 
-def make_kv_worker(config: EngineConfig, rank: int) -> SharedMemoryKVWorker | None:
+def make_kv_worker(config: EngineConfig, rank: int,
+                   tp: TPGroup = SINGLE) -> SharedMemoryKVWorker | NixlKVWorker | None:
     """The worker-side connector `config.kv_transfer` asks for (None when it is off)."""
     if config.kv_transfer is None:
         return None
+    if config.kv_transfer.kv_connector == "NixlConnector":
+        return NixlKVWorker(config, rank, tp)
     return SharedMemoryKVWorker(config, rank)

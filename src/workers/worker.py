@@ -77,7 +77,7 @@ class Worker:
                                    read_hf_config(config.model.model))
         self.runner = ModelRunner(config, self.device, self.dtype, self.tp)
         self.sleep_mode = SleepMode(self.runner)
-        self.kv_transfer = make_kv_worker(config, rank)  # disaggregated prefill, or None
+        self.kv_transfer = make_kv_worker(config, rank, self.tp)  # disaggregated prefill, or None
         if self.tp.size > 1:
             # A rank blocked in a collective never polls the rings: watch the parent instead.
             threading.Thread(target=self._exit_with_parent, daemon=True).start()
@@ -110,19 +110,19 @@ class Worker:
 
     def handle(self, msg):  # -> WorkerOutput
         match msg:
+            case ExecuteStep() if self.kv_transfer is not None:
+                return self.kv_transfer.run_step(msg, self.runner)
             case ExecuteStep(kv_transfer=None):
                 return self.runner.execute(msg)
-            case ExecuteStep(kv_transfer=meta):
-                assert self.kv_transfer is not None, "KV transfer step without a connector"
-                self.kv_transfer.load(meta, self.runner.kv_caches)
-                result = self.runner.execute(msg)
-                self.kv_transfer.save(meta, self.runner.kv_caches)
-                return result
+            case ExecuteStep():
+                raise AssertionError("KV transfer step without a connector")
             case ProfileMemory(call_id=call_id):
                 return MemoryReport(call_id=call_id, available_bytes=self.available_kv_bytes(),
                                     bytes_per_block=self.runner.bytes_per_block())
             case InitKVCache(call_id=call_id, num_blocks=num_blocks):
                 self.runner.init_kv_cache(num_blocks)
+                if self.kv_transfer is not None:  # NIXL: peers read the cache from now on
+                    self.kv_transfer.register(self.runner.kv_caches)
                 return ControlResult(call_id=call_id, value=num_blocks)
             case Shutdown(call_id=call_id):
                 return ControlResult(call_id=call_id)
