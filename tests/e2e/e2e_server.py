@@ -8,6 +8,7 @@ a failing wait prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 # Small and fixed, so tests are fast and the KV-usage gauge moves visibly.
@@ -145,3 +147,38 @@ def metric(text: str, name: str, default: float | None = None, **labels: str) ->
 def child_env(**extra: str) -> dict[str, str]:
     """This process's environment plus `extra` (for a server with its own cache dir)."""
     return {**os.environ, **extra}
+
+
+PD_PROXY_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "pd_proxy.py"
+_PD_WORDS = "model token server cache block request stream queue kernel memory batch".split()
+
+
+def pd_prompt(seed: int, words: int = 40) -> str:
+    """A deterministic prompt long enough to fill a few KV blocks (disaggregated-prefill tests)."""
+    return " ".join(_PD_WORDS[(seed * 7 + i * 3) % len(_PD_WORDS)] for i in range(words))
+
+
+@contextlib.contextmanager
+def pd_proxy(prefill_url: str, decode_url: str) -> Iterator[str]:
+    """`scripts/pd_proxy.py` in front of one prefill and one decode server; yields its URL."""
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, str(PD_PROXY_SCRIPT), "--port", str(port),
+                              "--prefill", prefill_url, "--decode", decode_url],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not _healthy(url):
+        assert time.monotonic() < deadline and proxy.poll() is None, "proxy did not start"
+        time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return http("GET", url + "/health", timeout=2)[0] == 200
+    except OSError:
+        return False

@@ -6,22 +6,12 @@ blocks (reported as cached tokens although it never saw the prompt)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from e2e_server import TINY_ENGINE_FLAGS, free_port, http
+from e2e_server import TINY_ENGINE_FLAGS, http, pd_prompt, pd_proxy
 
 pytestmark = pytest.mark.timeout(240)
-
-PROXY = Path(__file__).resolve().parents[2] / "scripts" / "pd_proxy.py"
-WORDS = "model token server cache block request stream queue kernel memory batch".split()
-
-
-def prompt(seed: int, words: int = 40) -> str:
-    return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(words))
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +25,8 @@ def pd(server_factory, tiny_model_dir, tmp_path_factory):
 
     producer = server_factory([tiny_model_dir, *TINY_ENGINE_FLAGS, *kv("kv_producer")])
     consumer = server_factory([tiny_model_dir, *TINY_ENGINE_FLAGS, *kv("kv_consumer")])
-    port = free_port()
-    proxy = subprocess.Popen([sys.executable, str(PROXY), "--port", str(port), "--prefill",
-                              producer.url, "--decode", consumer.url],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not _up(url):
-        assert time.monotonic() < deadline and proxy.poll() is None, "proxy did not start"
-        time.sleep(0.2)
-    yield producer, consumer, url, store
-    proxy.terminate()
-    proxy.wait(10)
-
-
-def _up(url: str) -> bool:
-    try:
-        return http("GET", url + "/health", timeout=2)[0] == 200
-    except OSError:
-        return False
+    with pd_proxy(producer.url, consumer.url) as url:
+        yield producer, consumer, url, store
 
 
 def _complete(url: str, text: str, **extra) -> dict:
@@ -66,7 +39,7 @@ def _complete(url: str, text: str, **extra) -> dict:
 def test_completions_through_proxy_match_one_instance(pd):
     producer, consumer, url, store = pd
     for seed in range(3):
-        text = prompt(seed)
+        text = pd_prompt(seed)
         single = _complete(producer.url, text + " single")  # a plain answer, nothing shared
         through = _complete(url, text + " single")
         assert through["choices"][0]["text"] == single["choices"][0]["text"]
@@ -77,7 +50,7 @@ def test_completions_through_proxy_match_one_instance(pd):
 
 def test_streamed_chat_through_proxy_matches_one_instance(pd):
     producer, consumer, url, store = pd
-    messages = [{"role": "user", "content": prompt(9, 50)}]
+    messages = [{"role": "user", "content": pd_prompt(9, 50)}]
     status, single = http("POST", producer.url + "/v1/chat/completions", {
         "messages": messages, "max_tokens": 10, "temperature": 0.0})
     assert status == 200, single

@@ -7,13 +7,10 @@ report the prompt's blocks as cached; P's KV usage must return to zero once D ha
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from e2e_server import TINY_ENGINE_FLAGS, child_env, free_port, http, metric
+from e2e_server import TINY_ENGINE_FLAGS, child_env, free_port, http, metric, pd_prompt, pd_proxy
 
 from workers.nixl_worker import import_nixl
 
@@ -22,13 +19,6 @@ try:
 except ImportError:
     pytest.skip("the nixl package is not installed", allow_module_level=True)
 pytestmark = pytest.mark.timeout(240)
-
-PROXY = Path(__file__).resolve().parents[2] / "scripts" / "pd_proxy.py"
-WORDS = "model token server cache block request stream queue kernel memory batch".split()
-
-
-def prompt(seed: int, words: int = 40) -> str:
-    return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(words))
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +31,8 @@ def pd(server_factory, tiny_model_dir):
     env = child_env(TLS_BATCH_INVARIANT="1")
     producer = server_factory([tiny_model_dir, *TINY_ENGINE_FLAGS, *kv()], env)
     consumer = server_factory([tiny_model_dir, *TINY_ENGINE_FLAGS, *kv()], env)
-    port = free_port()
-    proxy = subprocess.Popen([sys.executable, str(PROXY), "--port", str(port), "--prefill",
-                              producer.url, "--decode", consumer.url],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not _up(url):
-        assert time.monotonic() < deadline and proxy.poll() is None, "proxy did not start"
-        time.sleep(0.2)
-    yield producer, consumer, url
-    proxy.terminate()
-    proxy.wait(10)
-
-
-def _up(url: str) -> bool:
-    try:
-        return http("GET", url + "/health", timeout=2)[0] == 200
-    except OSError:
-        return False
+    with pd_proxy(producer.url, consumer.url) as url:
+        yield producer, consumer, url
 
 
 def _complete(url: str, text: str, **extra) -> dict:
@@ -86,7 +59,7 @@ def _wait_usage_zero(server, timeout: float = 10.0) -> float:
 def test_completions_through_proxy_match_a_plain_request(pd):
     producer, consumer, url = pd
     for seed in range(2):
-        text = prompt(seed)
+        text = pd_prompt(seed)
         single = _complete(producer.url, text)  # a plain request: nothing held, nothing read
         assert single["kv_transfer_params"] is None
         through = _complete(url, text)
@@ -100,7 +73,7 @@ def test_completions_through_proxy_match_a_plain_request(pd):
 
 def test_prefill_answer_carries_where_the_blocks_are(pd):
     producer, _, _ = pd
-    body = _complete(producer.url, prompt(5), max_tokens=1,
+    body = _complete(producer.url, pd_prompt(5), max_tokens=1,
                      kv_transfer_params={"do_remote_decode": True})
     params = body["kv_transfer_params"]
     assert params["do_remote_prefill"] is True and params["tp_size"] == 1
@@ -111,7 +84,7 @@ def test_prefill_answer_carries_where_the_blocks_are(pd):
 
 def test_streamed_chat_through_proxy_matches_a_plain_request(pd):
     producer, _, url = pd
-    messages = [{"role": "user", "content": prompt(9, 50)}]
+    messages = [{"role": "user", "content": pd_prompt(9, 50)}]
     status, single = http("POST", producer.url + "/v1/chat/completions", {
         "messages": messages, "max_tokens": 10, "temperature": 0.0})
     assert status == 200, single

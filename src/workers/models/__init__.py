@@ -88,7 +88,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
     dtype = resolve_dtype(dtype, device, hf_config)
     quantization = quantization or (hf_config.get("quantization_config") or {}).get(
         "quant_method")
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         model = cls(hf_config, tp=tp)
         install_kv_scales(model)
         if quantization:
@@ -107,8 +107,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    # Parameters are created as torch.empty(...) and take the default dtype.
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules under this dtype (parameters are torch.empty(...): they take it)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

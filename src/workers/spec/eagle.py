@@ -22,7 +22,7 @@ from torch import nn
 
 from workers.layers import Linear, LMHead, RotaryEmbedding, VocabEmbedding
 from workers.loader import checkpoint_files, load_weights
-from workers.models import read_hf_config
+from workers.models import default_dtype, read_hf_config
 from workers.models.llama import DecoderArgs, DecoderLayer, LlamaForCausalLM
 
 
@@ -87,13 +87,8 @@ def load_eagle(model_dir: str, target: nn.Module, dtype: torch.dtype,
     if any(n.startswith("midlayer.") or n == "d2t" for n in names):
         raise ValueError(f"{model_dir!r} is an EAGLE-3 head: use speculative_config.method "
                          "'eagle3'")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = EagleLlama(hf_config, names)
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(dtype), torch.device(device):
+        model = EagleLlama(hf_config, names)
     load_weights(model, model_dir)
     model.share_target(target)
     return model.eval().requires_grad_(False)

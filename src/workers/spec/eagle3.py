@@ -30,7 +30,7 @@ from torch import nn
 
 from workers.layers import Linear, LMHead, RMSNorm, RotaryEmbedding, VocabEmbedding
 from workers.loader import load_weights
-from workers.models import read_hf_config
+from workers.models import default_dtype, read_hf_config
 from workers.models.llama import DecoderArgs, DecoderLayer, LlamaForCausalLM
 from workers.parallel_layers import QKVParallelLinear
 from workers.spec.eagle import checkpoint_names
@@ -149,13 +149,8 @@ def load_eagle3(model_dir: str, target: nn.Module, dtype: torch.dtype,
         raise ValueError(f"{model_dir!r} is not an EAGLE-3 head: no 'fc.weight' tensor")
     ids = aux_layer_ids(hf_config, target.num_layers)
     target.enable_aux_hidden(ids)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Eagle3Llama(hf_config, names, len(ids))
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(dtype), torch.device(device):
+        model = Eagle3Llama(hf_config, names, len(ids))
     load_weights(model, model_dir, rename=_rename)
     if model.d2t is not None:
         mapped = torch.arange(model.draft_vocab_size, device=device) + model.d2t

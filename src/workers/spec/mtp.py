@@ -29,7 +29,7 @@ from torch import nn
 
 from workers.layers import Linear, LMHead, RMSNorm, RotaryEmbedding, VocabEmbedding
 from workers.loader import load_weights
-from workers.models import read_hf_config
+from workers.models import default_dtype, read_hf_config
 from workers.models.llama import DecoderArgs, DecoderLayer, LlamaForCausalLM
 from workers.spec.eagle import checkpoint_names
 
@@ -122,13 +122,8 @@ def load_mtp(model_dir: str, target: nn.Module, dtype: torch.dtype,
                          f"'{prefix}eh_proj.weight' tensor")
     args = DecoderArgs.from_hf(hf_config, always_qkv_bias=target.always_qkv_bias,
                                qk_norm=target.qk_norm)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = MTPLlama(args, names)
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(dtype), torch.device(device):
+        model = MTPLlama(args, names)
 
     def rename(name: str) -> str | None:  # this layer's tensors only
         return "layer." + name[len(prefix):] if name.startswith(prefix) else None
