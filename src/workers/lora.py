@@ -139,6 +139,14 @@ class LoRAManager:
             self.batch.sorted_token_ids[:n].copy_(self._ids_host[:n], non_blocking=nb)
         return failed
 
+    def clear(self) -> None:
+        """Map no token to an adapter (before warm-up, profiling and graph-capture runs, whose
+        tokens are not the last step's: stale tiles would index past their rows)."""
+        self.batch.token_slots.fill_(-1)
+        self.batch.tiles.fill_(-1)
+        self.batch.num_tiles = 0
+        self.batch.active = self.device.type == "cuda"
+
     def remove(self, int_id: int) -> None:
         """Forget an unloaded adapter (CPU cache and GPU slot)."""
         self.cpu_cache.pop(int_id, None)

@@ -180,6 +180,8 @@ class ModelRunner:
     def capture_graphs(self) -> None:
         """Capture the decode CUDA graphs (CUDA, not enforce_eager); needs weights and cache."""
         if self.device.type == "cuda" and not self.config.model.enforce_eager:
+            if self.lora is not None:
+                self.lora.clear()
             self.graphs = CudaGraphs(self.model, self.buffers, self.config.scheduler.max_num_seqs)
             self.graphs.capture()
 
