@@ -182,3 +182,19 @@ def _healthy(url: str) -> bool:
         return http("GET", url + "/health", timeout=2)[0] == 200
     except OSError:
         return False
+
+
+def check_streamed_chat_matches(plain_url: str, proxy_url: str) -> str:
+    """Assert a chat answer streamed through the P/D proxy equals a plain one; return the raw
+    stream."""
+    messages = [{"role": "user", "content": pd_prompt(9, 50)}]
+    status, single = http("POST", plain_url + "/v1/chat/completions", {
+        "messages": messages, "max_tokens": 10, "temperature": 0.0})
+    assert status == 200, single
+    status, raw = http("POST", proxy_url + "/v1/chat/completions", {
+        "messages": messages, "max_tokens": 10, "temperature": 0.0, "stream": True})
+    assert status == 200
+    pieces = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+              for line in raw.splitlines() if line.startswith("data: {")]
+    assert "".join(pieces) == single["choices"][0]["message"]["content"]
+    return raw

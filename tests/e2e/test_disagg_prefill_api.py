@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from e2e_server import TINY_ENGINE_FLAGS, http, pd_prompt, pd_proxy
+from e2e_server import TINY_ENGINE_FLAGS, check_streamed_chat_matches, http, pd_prompt, pd_proxy
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -50,16 +50,7 @@ def test_completions_through_proxy_match_one_instance(pd):
 
 def test_streamed_chat_through_proxy_matches_one_instance(pd):
     producer, consumer, url, store = pd
-    messages = [{"role": "user", "content": pd_prompt(9, 50)}]
-    status, single = http("POST", producer.url + "/v1/chat/completions", {
-        "messages": messages, "max_tokens": 10, "temperature": 0.0})
-    assert status == 200, single
-    status, raw = http("POST", url + "/v1/chat/completions", {
-        "messages": messages, "max_tokens": 10, "temperature": 0.0, "stream": True})
-    assert status == 200
-    pieces = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-              for line in raw.splitlines() if line.startswith("data: {")]
-    assert "".join(pieces) == single["choices"][0]["message"]["content"]
+    raw = check_streamed_chat_matches(producer.url, url)
     assert raw.rstrip().endswith("data: [DONE]")
 
 

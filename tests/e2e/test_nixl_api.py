@@ -10,7 +10,16 @@ import json
 import time
 
 import pytest
-from e2e_server import TINY_ENGINE_FLAGS, child_env, free_port, http, metric, pd_prompt, pd_proxy
+from e2e_server import (
+    TINY_ENGINE_FLAGS,
+    check_streamed_chat_matches,
+    child_env,
+    free_port,
+    http,
+    metric,
+    pd_prompt,
+    pd_proxy,
+)
 
 from workers.nixl_worker import import_nixl
 
@@ -84,16 +93,7 @@ def test_prefill_answer_carries_where_the_blocks_are(pd):
 
 def test_streamed_chat_through_proxy_matches_a_plain_request(pd):
     producer, _, url = pd
-    messages = [{"role": "user", "content": pd_prompt(9, 50)}]
-    status, single = http("POST", producer.url + "/v1/chat/completions", {
-        "messages": messages, "max_tokens": 10, "temperature": 0.0})
-    assert status == 200, single
-    status, raw = http("POST", url + "/v1/chat/completions", {
-        "messages": messages, "max_tokens": 10, "temperature": 0.0, "stream": True})
-    assert status == 200
-    pieces = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-              for line in raw.splitlines() if line.startswith("data: {")]
-    assert "".join(pieces) == single["choices"][0]["message"]["content"]
+    check_streamed_chat_matches(producer.url, url)
 
 
 @pytest.mark.parametrize("params, field", [
