@@ -92,6 +92,14 @@ def bigram_target(tiny_models, tmp_path_factory) -> str:
     return make_bigram_mtp_target(tiny_models["llama"], tmp_path_factory.mktemp("bigram") / "t")
 
 
+def _exact_spec(method: str, target: str, tmp_path) -> dict:
+    """speculative_config of an exact MTP layer (k = 3) or an exact EAGLE-3 head (k = 1)."""
+    if method == "mtp":
+        return {"method": "mtp", "num_speculative_tokens": 3}
+    head = make_exact_eagle3_head(target, tmp_path / "e3")
+    return {"method": "eagle3", "model": head, "num_speculative_tokens": 1}
+
+
 @pytest.mark.parametrize("method", ["mtp", "eagle3"])
 def test_exact_drafters_are_accepted_and_keep_the_distribution(bigram_target, tmp_path, method):
     # Greedy: an exact MTP layer's k = 3 drafts (each fed the previous draft) and an exact
@@ -99,11 +107,7 @@ def test_exact_drafters_are_accepted_and_keep_the_distribution(bigram_target, tm
     # the EAGLE-3 head (top_k 3): the joint distribution of the first two tokens matches
     # transformers' (chi-square, 8 degrees of freedom, p ~ 1e-5 threshold) while drafts are
     # both accepted and rejected.
-    if method == "mtp":
-        spec = {"method": "mtp", "num_speculative_tokens": 3}
-    else:
-        head = make_exact_eagle3_head(bigram_target, tmp_path / "e3")
-        spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 1}
+    spec = _exact_spec(method, bigram_target, tmp_path)
     stats = _run_greedy(bigram_target, spec, bigram_target)
     assert stats.spec_num_accepted_tokens >= 0.9 * stats.spec_num_draft_tokens
     if method == "mtp":
@@ -140,11 +144,7 @@ def test_exact_drafters_are_accepted_and_keep_the_distribution(bigram_target, tm
 @pytest.mark.parametrize("method", ["mtp", "eagle3"])
 def test_gpu_exact_drafters_are_accepted(bigram_target, tmp_path, method):
     # The same on the GPU (Triton attention for the heads, CUDA graphs for plain steps), fp32.
-    if method == "mtp":
-        spec = {"method": "mtp", "num_speculative_tokens": 3}
-    else:
-        head = make_exact_eagle3_head(bigram_target, tmp_path / "e3")
-        spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 1}
+    spec = _exact_spec(method, bigram_target, tmp_path)
     stats = _run_greedy(bigram_target, spec, bigram_target, device="cuda", dtype="float32",
                         block_size=16)
     assert stats.spec_num_accepted_tokens >= 0.9 * stats.spec_num_draft_tokens
