@@ -189,7 +189,7 @@ def _launch(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
     num_tiles = bound if num_tiles is None else min(num_tiles, bound)
     if num_tokens == 0 or n == 0 or num_tiles == 0:
         return
-    block_n, block_k, split_k, num_warps = config
+    block_n, block_k, _, num_warps = config  # SPLIT_K: the planes `out` was allocated with
     block_n = max(_MIN_DOT, min(block_n, triton.next_power_of_2(n)))
     sizes = slice_sizes or [n]
     assert 1 <= len(sizes) <= 3 and sum(sizes) == n, (sizes, n)
@@ -197,7 +197,7 @@ def _launch(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
     while any(b % block_n for b in bounds if b < n):  # tiles must not straddle two slices
         block_n //= 2
     assert block_n >= _MIN_DOT, f"slice sizes {sizes} must be multiples of {_MIN_DOT}"
-    block_k = max(_MIN_DOT, min(block_k, triton.next_power_of_2(k)))
+    block_k = _block_k(block_k, k)
     split_k = out.shape[0] if out.dim() == 3 else 1
     stride_op = out.stride(0) if out.dim() == 3 else 0
     grid = (num_tiles * split_k, triton.cdiv(n, block_n))
@@ -213,8 +213,12 @@ def _launch(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
 def shrink_splits(hidden_size: int) -> int:
     """How many partial planes `lora_shrink` writes for a reduction over `hidden_size`."""
     _, block_k, split_k, _ = SHRINK_CONFIG
-    block_k = max(_MIN_DOT, min(block_k, triton.next_power_of_2(hidden_size)))
-    return max(1, min(split_k, triton.cdiv(hidden_size, block_k)))
+    return max(1, min(split_k, triton.cdiv(hidden_size, _block_k(block_k, hidden_size))))
+
+
+def _block_k(block_k: int, k: int) -> int:
+    # One rule for the launch and `shrink_splits`: the planes a shrink writes depend on it.
+    return max(_MIN_DOT, min(block_k, triton.next_power_of_2(k)))
 
 
 def _check(x: torch.Tensor, weights: torch.Tensor, sorted_token_ids: torch.Tensor,
