@@ -8,6 +8,7 @@ a failing wait prints.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,8 +19,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 # Small and fixed, so tests are fast and the KV-usage gauge moves visibly.
 TINY_ENGINE_FLAGS = ["--num-gpu-blocks-override", "256", "--max-num-seqs", "64",
@@ -198,3 +200,32 @@ def check_streamed_chat_matches(plain_url: str, proxy_url: str) -> str:
               for line in raw.splitlines() if line.startswith("data: {")]
     assert "".join(pieces) == single["choices"][0]["message"]["content"]
     return raw
+
+
+@contextlib.asynccontextmanager
+async def embedded_server(model_dir: str) -> AsyncIterator[tuple[Any, Any]]:
+    """(engine, client): an `AsyncEngine` embedded in this process with the OpenAI app on an
+    aiohttp test client, /health checked 200; the engine is shut down on exit."""
+    import aiohttp.test_utils
+
+    from enginecore.config import EngineConfig
+    from frontend.cli import ServerConfig
+    from frontend.client import AsyncEngine
+    from frontend.server import OpenAIServer
+
+    engine = await AsyncEngine.start(EngineConfig.create(model_dir, num_gpu_blocks_override=64))
+    try:
+        app = OpenAIServer(engine, ServerConfig()).app
+        async with aiohttp.test_utils.TestClient(aiohttp.test_utils.TestServer(app)) as client:
+            assert (await client.get("/health")).status == 200
+            assert engine.core is not None
+            yield engine, client
+    finally:
+        await engine.shutdown()
+
+
+async def wait_engine_dead(engine: Any, timeout: float = 5.0) -> None:
+    """Give the client up to `timeout` seconds to notice its engine core died."""
+    deadline = time.monotonic() + timeout
+    while not engine.dead and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

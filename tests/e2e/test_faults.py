@@ -16,14 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-import aiohttp.test_utils
 import pytest
-from e2e_server import TINY_ENGINE_FLAGS, alive, descendants
-
-from enginecore.config import EngineConfig
-from frontend.cli import ServerConfig
-from frontend.client import AsyncEngine
-from frontend.server import OpenAIServer
+from e2e_server import TINY_ENGINE_FLAGS, alive, descendants, embedded_server, wait_engine_dead
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,31 +142,20 @@ def test_embedded_worker_killed_health_503(tiny_model_dir):
     segments: set[str] = set()
 
     async def run() -> None:
-        config = EngineConfig.create(tiny_model_dir, num_gpu_blocks_override=64)
-        engine = await AsyncEngine.start(config)
-        try:
-            app = OpenAIServer(engine, ServerConfig()).app
-            async with aiohttp.test_utils.TestClient(aiohttp.test_utils.TestServer(app)) as c:
-                assert (await c.get("/health")).status == 200
-                assert engine.core is not None
-                workers = find(descendants(engine.core.proc.pid), "workers")
-                assert len(workers) == 1
-                segments.update(shm_mapped([engine.core.proc.pid, *workers]))
-                pending = asyncio.ensure_future(c.post("/v1/completions", json={
-                    "prompt": "hi", "max_tokens": 400, "ignore_eos": True}))
-                await asyncio.sleep(0.5)
-                os.kill(workers[0], signal.SIGKILL)
-                resp = await asyncio.wait_for(pending, _PROMPT_DEADLINE_S)
-                assert resp.status == 503, await resp.text()
-                for _ in range(100):
-                    if engine.dead:
-                        break
-                    await asyncio.sleep(0.05)
-                assert (await c.get("/health")).status == 503
-                resp = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-                assert resp.status == 503
-        finally:
-            await engine.shutdown()
+        async with embedded_server(tiny_model_dir) as (engine, c):
+            workers = find(descendants(engine.core.proc.pid), "workers")
+            assert len(workers) == 1
+            segments.update(shm_mapped([engine.core.proc.pid, *workers]))
+            pending = asyncio.ensure_future(c.post("/v1/completions", json={
+                "prompt": "hi", "max_tokens": 400, "ignore_eos": True}))
+            await asyncio.sleep(0.5)
+            os.kill(workers[0], signal.SIGKILL)
+            resp = await asyncio.wait_for(pending, _PROMPT_DEADLINE_S)
+            assert resp.status == 503, await resp.text()
+            await wait_engine_dead(engine)
+            assert (await c.get("/health")).status == 503
+            resp = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert resp.status == 503
 
     asyncio.run(run())
     assert segments and shm_left(segments) == set()

@@ -8,13 +8,7 @@ import os
 import signal
 import time
 
-import aiohttp.test_utils
-from e2e_server import TINY_ENGINE_FLAGS, alive, child_env, http
-
-from enginecore.config import EngineConfig
-from frontend.cli import ServerConfig
-from frontend.client import AsyncEngine
-from frontend.server import OpenAIServer
+from e2e_server import TINY_ENGINE_FLAGS, alive, child_env, embedded_server, http, wait_engine_dead
 
 
 def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
@@ -53,25 +47,14 @@ def test_launcher_killed_children_exit(server_factory, tiny_model_dir):
 
 def test_health_503_once_engine_is_dead(tiny_model_dir):
     async def run() -> None:
-        config = EngineConfig.create(tiny_model_dir, num_gpu_blocks_override=64)
-        engine = await AsyncEngine.start(config)
-        try:
-            app = OpenAIServer(engine, ServerConfig()).app
-            async with aiohttp.test_utils.TestClient(aiohttp.test_utils.TestServer(app)) as c:
-                assert (await c.get("/health")).status == 200
-                assert engine.core is not None
-                engine.core.proc.kill()
-                for _ in range(100):
-                    if engine.dead:
-                        break
-                    await asyncio.sleep(0.05)
-                resp = await c.get("/health")
-                assert resp.status == 503
-                assert (await resp.json())["error"]["code"] == 503
-                resp = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-                assert resp.status == 503
-                assert (await c.get("/metrics")).status == 200  # still scrapeable
-        finally:
-            await engine.shutdown()
+        async with embedded_server(tiny_model_dir) as (engine, c):
+            engine.core.proc.kill()
+            await wait_engine_dead(engine)
+            resp = await c.get("/health")
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == 503
+            resp = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert resp.status == 503
+            assert (await c.get("/metrics")).status == 200  # still scrapeable
 
     asyncio.run(run())
