@@ -36,20 +36,22 @@ class InputBuffers:
             (max_reqs, max_blocks_per_req), torch.int32)
 
     def copy_to_device(self, num_tokens: int, num_reqs: int, num_cols: int,
-                       pad_reqs: int | None = None) -> None:
+                       pad_reqs: int | None = None, pad_tokens: int | None = None) -> None:
         """Copy the step's prefix of every buffer to the device (non-blocking from pinned).
 
-        `pad_reqs` > num_reqs turns rows num_reqs..pad_reqs into empty padding rows (CUDA graph
-        replays run a fixed batch size): query length 0, context 0, no cache writes.
+        `pad_reqs` > num_reqs turns rows num_reqs..pad_reqs into empty padding rows and
+        `pad_tokens` (default pad_reqs) > num_tokens pads the tokens (CUDA graph replays run a
+        fixed shape): query length 0, context 0, no cache writes.
         """
         rows = num_reqs if pad_reqs is None else pad_reqs
-        if rows > num_reqs:
+        tokens = num_tokens
+        if pad_reqs is not None:
+            tokens = max(num_tokens, rows if pad_tokens is None else pad_tokens)
             self.query_start_loc[num_reqs + 1: rows + 1] = num_tokens
             self.seq_lens[num_reqs:rows] = 0
-            self.slot_mapping[num_tokens:rows] = -1
-            self.input_ids[num_tokens:rows] = 0
-            self.positions[num_tokens:rows] = 0
-        tokens = max(num_tokens, rows) if pad_reqs is not None else num_tokens
+            self.slot_mapping[num_tokens:tokens] = -1
+            self.input_ids[num_tokens:tokens] = 0
+            self.positions[num_tokens:tokens] = 0
         nb = self.device.type == "cuda"
         self.input_ids_dev[:tokens].copy_(self.ids_host[:tokens], non_blocking=nb)
         self.positions_dev[:tokens].copy_(self.pos_host[:tokens], non_blocking=nb)

@@ -145,7 +145,9 @@ class ModelRunner:
                                       self.block_size)
         self.buffers = InputBuffers(max(sched.max_num_batched_tokens, sched.max_num_seqs),
                                     sched.max_num_seqs, self.max_blocks_per_req, device)
-        self.graphs: CudaGraphs | None = None
+        # Decode graphs (query length 1), then, with speculative decoding, verify graphs
+        # (query length k + 1); empty: every step eager.
+        self.graphs: list[CudaGraphs] = []
         self.mm = (MultiModalRunner(self.model, device)
                    if getattr(self.model, "uses_mrope", False) else None)
         # Wraps the model's projections; before CUDA-graph capture, so graphs contain the LoRA
@@ -182,8 +184,17 @@ class ModelRunner:
         if self.device.type == "cuda" and not self.config.model.enforce_eager:
             if self.lora is not None:
                 self.lora.clear()
-            self.graphs = CudaGraphs(self.model, self.buffers, self.config.scheduler.max_num_seqs)
-            self.graphs.capture()
+            seqs = self.config.scheduler.max_num_seqs
+            graphs = [CudaGraphs(self.model, self.buffers, seqs)]
+            if self.spec is not None:
+                graphs.append(CudaGraphs(self.model, self.buffers, seqs, self.spec.k + 1))
+            pool = None
+            for g in reversed(graphs):  # the larger verify graphs first: one shared pool
+                g.capture(pool)
+                pool = g.pool
+            self.graphs = graphs
+            if self.spec is not None:
+                self.spec.capture_graphs()
 
     def reload_weights(self, path: str) -> None:
         """Load every parameter again from the checkpoint at `path` (same architecture)."""
@@ -367,13 +378,14 @@ class ModelRunner:
                 inputs.mm_embeds += self.mm.embeds_for(state.mm_inputs, a, b, base)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Hidden states [T, H]: replayed from a CUDA graph for decode steps, else eager."""
+        """Hidden states [T, H]: replayed from a CUDA graph for decode (and speculative
+        verify) steps, else eager."""
         buf = self.buffers
         plain = inputs.mrope is None and not inputs.mm_embeds and not inputs.embeds
-        if self.graphs is not None and inputs.max_query_len == 1 and plain:
-            size = self.graphs.bucket(inputs.num_reqs)
+        for graphs in self.graphs if plain else ():
+            size = graphs.bucket(inputs.num_reqs, inputs.num_tokens, inputs.max_query_len)
             if size is not None:
-                return self.graphs.replay(inputs.num_reqs, inputs.num_cols, size)
+                return graphs.replay(inputs.num_reqs, inputs.num_cols, size, inputs.num_tokens)
         buf.copy_to_device(inputs.num_tokens, inputs.num_reqs, inputs.num_cols)
         meta = buf.metadata(inputs.num_tokens, inputs.num_reqs, inputs.num_cols,
                             inputs.max_query_len, inputs.max_seq_len)

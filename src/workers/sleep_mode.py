@@ -36,7 +36,9 @@ class SleepMode:
         if self.asleep:
             raise RuntimeError(f"already asleep ({sorted(self.asleep)} not woken)")
         runner, model = self.runner, self.runner.model
-        runner.graphs = None
+        runner.graphs = []
+        if runner.spec is not None:
+            runner.spec.drop_graphs()
         self._num_blocks = runner.num_blocks
         runner.kv_caches = []
         empty = torch.empty(model.kv_cache_shape(0, runner.block_size), dtype=runner.dtype,

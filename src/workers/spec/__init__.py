@@ -49,8 +49,15 @@ class SpecDecoder:
                 raise ValueError(f"speculative_config.model {spec.model!r} has vocab size "
                                  f"{model.args.vocab_size}, the target "
                                  f"{config.model.vocab_size}: drafts need the same vocabulary")
-            self.drafter = DraftProposer(model, self.k, eagle, block_table,
-                                         config.model.max_model_len, device, dtype)
+            # EAGLE-3 heads read the target's auxiliary hidden states (several layers' worth).
+            width = target.args.hidden_size * max(1, len(getattr(target, "aux_layers", ())))
+            sched = config.scheduler
+            self.drafter = DraftProposer(
+                model, self.k, eagle, block_table, config.model.max_model_len, device, dtype,
+                max_num_seqs=sched.max_num_seqs,
+                # A catch-up forward adds each sampler's new token to the step's tokens.
+                max_tokens=sched.max_num_batched_tokens + sched.max_num_seqs,
+                target_width=width)
         else:  # config validation refuses the rest first
             raise NotImplementedError(f"speculative method {spec.method!r}")
         # EAGLE-3 reads the target's auxiliary hidden states (`aux_hidden`, set by each forward)
@@ -75,6 +82,15 @@ class SpecDecoder:
     def init_kv_cache(self, num_blocks: int) -> None:
         if self.drafter is not None:
             self.drafter.init_kv_cache(num_blocks)
+
+    def capture_graphs(self) -> None:
+        """CUDA graphs for the drafter's forwards (none for n-gram)."""
+        if self.drafter is not None:
+            self.drafter.capture_graphs()
+
+    def drop_graphs(self) -> None:
+        if self.drafter is not None:
+            self.drafter.graphs = []
 
     def propose(self, entries: list[tuple], hidden: torch.Tensor,
                 sampled: list) -> list[list[int]]:

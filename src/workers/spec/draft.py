@@ -33,8 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.attention import AttnMetadata, set_forward_context
+from sampling.logits import to_device
+from workers.attention import set_forward_context
 from workers.block_table import BlockTable
+from workers.cudagraph import CudaGraphs
+from workers.inputs import InputBuffers
 
 
 @dataclass
@@ -51,13 +54,28 @@ class _Batch:
 
 class DraftProposer:
     def __init__(self, model: nn.Module, k: int, eagle: bool, block_table: BlockTable,
-                 max_model_len: int, device: torch.device, dtype: torch.dtype) -> None:
+                 max_model_len: int, device: torch.device, dtype: torch.dtype, *,
+                 max_num_seqs: int, max_tokens: int, target_width: int = 0) -> None:
+        """`max_tokens`: the most entries of one forward (the target's step token budget);
+        `target_width`: EAGLE heads, the width of the target hidden states they are fed."""
         self.model, self.k, self.eagle = model, k, eagle
         self.block_table = block_table
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
         self.device, self.dtype = device, dtype
         self.block_size = block_table.block_size
         self.kv_caches: list[torch.Tensor] = []
+        # Persistent inputs (the drafter's own: the runner's still hold the target's step) and,
+        # for EAGLE heads, the hidden states fed to the catch-up forward (the target's) and to
+        # the single-token forwards (the head's own), static for CUDA graphs.
+        self.buffers = InputBuffers(max_tokens, max_num_seqs, block_table.table.shape[1], device)
+        self.hidden_in: tuple[torch.Tensor, torch.Tensor] | None = None
+        if eagle:
+            self.hidden_in = (torch.zeros(max_tokens, target_width, dtype=dtype, device=device),
+                              torch.zeros(max_num_seqs, model.args.hidden_size, dtype=dtype,
+                                          device=device))
+        # (catch-up graphs with query length k + 1, single-token graphs); empty: eager.
+        self.graphs: list[CudaGraphs] = []
 
     def bytes_per_block(self) -> int:
         """KV bytes the drafter adds to each block."""
@@ -71,6 +89,17 @@ class DraftProposer:
                           for _ in range(self.model.num_layers)]
         self.model.bind_kv_cache(self.kv_caches)
 
+    def capture_graphs(self) -> None:
+        """Capture the catch-up and single-token forwards (CUDA, after `init_kv_cache`)."""
+        hidden = self.hidden_in or (None, None)
+        graphs = [CudaGraphs(self.model, self.buffers, self.max_num_seqs, self.k + 1, hidden[0]),
+                  CudaGraphs(self.model, self.buffers, self.max_num_seqs, 1, hidden[1])]
+        pool = None
+        for g in graphs:  # the larger catch-up graphs first: one shared pool
+            g.capture(pool)
+            pool = g.pool
+        self.graphs = graphs
+
     def propose(self, entries: list[tuple], hidden: torch.Tensor,
                 sampled: dict[str, int]) -> dict[str, list[int]]:
         """Drafts for each request in `sampled` (req_id -> its number of known tokens n).
@@ -81,11 +110,12 @@ class DraftProposer:
         batch, last, limits = self._catch_up_batch(entries, sampled)
         if not batch.ids:
             return {}
-        out_hidden = self._run(batch, hidden)
-        tokens = self._greedy(out_hidden[last])
+        # [B, H]: each sampler's last entry; feeds EAGLE's next step.
+        prev_hidden = self._run(batch, hidden).index_select(
+            0, to_device(last, torch.int64, self.device))
+        tokens = self._greedy(prev_hidden)
         order = [req_id for req_id in limits]  # requests that sampled, in entry order
         drafts = {req_id: [t] for req_id, t in zip(order, tokens, strict=True)}
-        prev_hidden = out_hidden[last]  # [B, H] feeds EAGLE's next step
         for j in range(2, self.k + 1):
             live = [i for i, req_id in enumerate(order) if limits[req_id][1] >= j]
             if not live:
@@ -94,12 +124,12 @@ class DraftProposer:
             step = _Batch(ids=[drafts[order[i]][-1] for i in live], positions=pos,
                           hidden_rows=live, rows=[limits[order[i]][2] for i in live],
                           query_lens=[1] * len(live), seq_lens=[p + 1 for p in pos])
-            out = self._run(step, prev_hidden)
+            out = self._run(step, prev_hidden, single=True)
             next_tokens = self._greedy(out)
             for i, t in zip(live, next_tokens, strict=True):
                 drafts[order[i]].append(t)
             prev_hidden = prev_hidden.clone()
-            prev_hidden[torch.tensor(live, device=self.device)] = out
+            prev_hidden[to_device(live, torch.int64, self.device)] = out
         return {req_id: d[: limits[req_id][1]] for req_id, d in drafts.items()}
 
     def _greedy(self, hidden: torch.Tensor) -> list[int]:
@@ -142,25 +172,34 @@ class DraftProposer:
         # Requests whose limit is 0 still ran (their KV is needed later) but draft nothing.
         return batch, last, limits
 
-    def _run(self, batch: _Batch, hidden: torch.Tensor) -> torch.Tensor:
-        """One drafter forward over `batch`; returns its output hidden states [T, H]."""
-        dev = self.device
+    def _run(self, batch: _Batch, hidden: torch.Tensor, single: bool = False) -> torch.Tensor:
+        """One drafter forward over `batch`; returns its output hidden states [T, H]. `single`:
+        one entry per request (drafts 2..k), else the catch-up forward."""
+        buf = self.buffers
+        num_tokens, num_reqs = len(batch.ids), len(batch.rows)
         positions = np.asarray(batch.positions, dtype=np.int64)
+        buf.input_ids[:num_tokens] = batch.ids
+        buf.positions[:num_tokens] = positions
         rows = np.repeat(np.asarray(batch.rows, dtype=np.int64), batch.query_lens)
-        slots = self.block_table.slots(rows, positions)
-        cols = -(-max(batch.seq_lens) // self.block_size)
-        meta = AttnMetadata(
-            query_start_loc=torch.tensor(np.concatenate([[0], np.cumsum(batch.query_lens)]),
-                                         dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(
-                self.block_table.table[batch.rows, :cols].copy()).to(dev),
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            max_query_len=max(batch.query_lens), max_seq_len=max(batch.seq_lens))
-        ids = torch.tensor(batch.ids, dtype=torch.int64, device=dev)
-        pos = torch.from_numpy(positions).to(dev)
+        buf.slot_mapping[:num_tokens] = self.block_table.slots(rows, positions)
+        buf.query_start_loc[0] = 0
+        buf.query_start_loc[1: num_reqs + 1] = np.cumsum(batch.query_lens)
+        buf.seq_lens[:num_reqs] = batch.seq_lens
+        max_seq_len, max_query_len = max(batch.seq_lens), max(batch.query_lens)
+        cols = -(-max_seq_len // self.block_size)
+        buf.block_tables[:num_reqs, :cols] = self.block_table.table[batch.rows, :cols]
+        hidden_in = None
+        if self.hidden_in is not None:
+            hidden_in = self.hidden_in[int(single)][:num_tokens]
+            torch.index_select(hidden, 0, to_device(batch.hidden_rows, torch.int64, self.device),
+                               out=hidden_in)
+        if self.graphs:
+            graphs = self.graphs[int(single)]
+            size = graphs.bucket(num_reqs, num_tokens, max_query_len)
+            if size is not None:
+                return graphs.replay(num_reqs, cols, size, num_tokens)
+        buf.copy_to_device(num_tokens, num_reqs, cols)
+        meta = buf.metadata(num_tokens, num_reqs, cols, max_query_len, max_seq_len)
+        ids, pos = buf.input_ids_dev[:num_tokens], buf.positions_dev[:num_tokens]
         with set_forward_context(meta):
-            if self.eagle:
-                rows_t = torch.tensor(batch.hidden_rows, dtype=torch.int64, device=dev)
-                return self.model(ids, pos, hidden.index_select(0, rows_t))
-            return self.model(ids, pos)
+            return self.model(ids, pos) if hidden_in is None else self.model(ids, pos, hidden_in)
