@@ -70,6 +70,12 @@ class Worker:
         self.parent_pid = parent_pid
         torch.manual_seed(config.model.seed)
         self.device = resolve_device(config, rank)
+        # GPU memory other processes (another engine sharing the GPU) hold before this worker
+        # allocates anything: not charged to this instance's gpu_memory_utilization, as in vLLM.
+        self._others_bytes = 0
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            self._others_bytes = total - free
         parallel = config.parallel
         self.tp = init_tp_group(rank, parallel.tensor_parallel_size, dist_init, self.device,
                                 parallel.enable_expert_parallel)
@@ -162,10 +168,14 @@ class Worker:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        # Memory outside torch's allocator (CUDA context, NCCL, other processes).
-        non_torch = total - free - torch.cuda.memory_reserved(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        # This instance's memory outside torch's allocator (NCCL, NIXL, ...): what was in use
+        # at start (other processes) does not count against gpu_memory_utilization.
+        non_torch = max(total - free - reserved - self._others_bytes, 0)
         graph_reserve = 0 if self.config.model.enforce_eager else 512 << 20
         budget = total * cache.gpu_memory_utilization - non_torch - peak - graph_reserve
+        # Never more than is actually free (others may have grown since the start).
+        budget = min(budget, free + reserved - peak - graph_reserve)
         logger.info("memory: total %.1f GiB, weights+activations peak %.1f GiB, "
                     "other %.1f GiB -> KV cache %.1f GiB", total / 2**30, peak / 2**30,
                     non_torch / 2**30, budget / 2**30)
