@@ -67,25 +67,34 @@ def main() -> int:
 
     rng = random.Random(0)
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    n = args.num_prompts
     prompts = [[rng.randrange(10, min(vocab, 30000)) for _ in range(args.prompt_len)]
-               for _ in range(2 * args.num_prompts + 1)]
-    warm, local, remote = prompts[:1], prompts[1:args.num_prompts + 1], \
-        prompts[args.num_prompts + 1:]
+               for _ in range(4 * n + 1)]
+    # Warm-up batches of the timed size (Triton compiles and autotunes per shape; the on-disk
+    # cache would otherwise favour whichever instance runs second) and one warm-up read (the
+    # NIXL connection set-up).
+    warm_d, warm_p, warm_read = prompts[:n], prompts[n:2 * n], prompts[2 * n:2 * n + 1]
+    local, remote = prompts[2 * n + 1:3 * n + 1], prompts[3 * n + 1:]
     first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
 
     p = LLM(model, **engine, kv_transfer_config=kv())
     d = LLM(model, **engine, kv_transfer_config=kv())
     try:
-        timed(d, warm, first)
-        t_local, _ = timed(d, local, first)
         held = msgspec.structs.replace(first, extra_args={
             "kv_transfer_params": {"do_remote_decode": True}})
-        t_prefill, pre = timed(p, remote, held)
-        params = [msgspec.to_builtins(o.kv_transfer_params) for o in pre]
 
         def read(x) -> SamplingParams:
             return msgspec.structs.replace(greedy, extra_args={"kv_transfer_params": x})
+
+        timed(d, warm_d, first)
+        timed(p, warm_p, first)
+        _, pre = timed(p, warm_read, held)
+        timed(d, warm_read, [msgspec.structs.replace(
+            read(msgspec.to_builtins(pre[0].kv_transfer_params)), max_tokens=1)])
+        t_local, _ = timed(d, local, first)
+        t_prefill, pre = timed(p, remote, held)
+        params = [msgspec.to_builtins(o.kv_transfer_params) for o in pre]
 
         t_first, outs = timed(d, remote, [msgspec.structs.replace(read(x), max_tokens=1)
                                           for x in params])
