@@ -110,7 +110,7 @@ def same_for_every_shard(name: str) -> ShardLoader:
         if param.shape != loaded.shape:
             raise ValueError(f"{name}: shape mismatch: parameter {tuple(param.shape)}, "
                              f"checkpoint {tuple(loaded.shape)}")
-        if id(param) in seen and not torch.equal(param.data, loaded.to(param.dtype)):
+        if id(param) in seen and not torch.equal(param.data, loaded.to(param.device, param.dtype)):
             raise ValueError(f"{name} differs between the shards of one packed layer "
                              f"(shard {shard_id!r}); this layout is not supported")
         seen.add(id(param))
