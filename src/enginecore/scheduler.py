@@ -86,6 +86,7 @@ from enginecore.protocol import (
     TokenLogprobs,
 )
 from enginecore.request import Request, RequestStatus
+from enginecore.step_plan import SpecCounters, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -95,54 +96,6 @@ _KV_POLL_S = 0.05  # NixlConnector: the most an idle producer waits to hear of f
 
 # An in-flight step's record: req_id -> (request, its num_computed_tokens before the step).
 _Scheduled = dict[str, tuple[Request, int]]
-
-
-class _StepPlan:
-    """What one `schedule()` call hands out, turned into an ExecuteStep at the end."""
-
-    __slots__ = ("budget", "num_scheduled", "new_block_ids", "admitted", "preempted",
-                 "encoder_budget", "encoder_inputs", "encoding", "spec")
-
-    def __init__(self, budget: int, encoder_budget: int) -> None:
-        self.budget = budget  # tokens left this step
-        self.encoder_budget = encoder_budget  # placeholder tokens of items still encodable
-        self.encoder_inputs: dict[str, list[int]] = {}  # req_id -> mm_inputs indices to encode
-        self.encoding: set[str] = set()  # hashes encoded this step
-        self.num_scheduled: dict[str, int] = {}
-        self.new_block_ids: dict[str, list[int]] = {}
-        self.admitted: set[str] = set()  # sent as NewReq (first schedule or resumed)
-        self.preempted: set[str] = set()
-        self.spec: dict[str, list[int]] = {}  # draft tokens scheduled for verification
-
-    def add(self, req_id: str, num_tokens: int, new_block_ids: list[int]) -> None:
-        self.num_scheduled[req_id] = num_tokens
-        self.new_block_ids[req_id] = new_block_ids
-        self.budget -= num_tokens
-
-    def drop(self, req_id: str) -> None:
-        """Un-schedule a request preempted after it was scheduled (priority policy)."""
-        self.budget += self.num_scheduled.pop(req_id, 0)
-        self.new_block_ids.pop(req_id, None)
-        self.spec.pop(req_id, None)
-
-
-class _SpecCounters:
-    """Cumulative speculative-decoding acceptance counts (SchedulerStats.spec_*)."""
-
-    __slots__ = ("num_drafts", "num_draft_tokens", "num_accepted", "per_pos")
-
-    def __init__(self, k: int) -> None:
-        self.num_drafts = 0
-        self.num_draft_tokens = 0
-        self.num_accepted = 0
-        self.per_pos = [0] * k
-
-    def record(self, num_draft: int, num_accepted: int) -> None:
-        self.num_drafts += 1
-        self.num_draft_tokens += num_draft
-        self.num_accepted += num_accepted
-        for j in range(num_accepted):
-            self.per_pos[j] += 1
 
 
 class Scheduler:
@@ -173,7 +126,7 @@ class Scheduler:
         self.num_spec_tokens = spec.num_speculative_tokens if spec.enabled else 0
         # Draft models write their own KV up to k positions past the verified tokens.
         self.num_lookahead = self.num_spec_tokens if spec.method not in (None, "ngram") else 0
-        self._spec = _SpecCounters(self.num_spec_tokens)
+        self._spec = SpecCounters(self.num_spec_tokens)
         self.connector = make_kv_connector(config)  # disaggregated prefill, or None
         self.nixl = self.connector if isinstance(self.connector, NixlConnector) else None
         self._last_step_time = 0.0  # monotonic: when the last step was built
@@ -287,7 +240,7 @@ class Scheduler:
 
     def schedule(self) -> ExecuteStep | None:
         """Hand out this step's token budget; None when nothing can run."""
-        plan = _StepPlan(self.sched_config.max_num_batched_tokens, self.encoder_budget)
+        plan = StepPlan(self.sched_config.max_num_batched_tokens, self.encoder_budget)
         for request in self.running:
             if request.encoder_refs:
                 self.encoder_cache.release_done(request)
@@ -307,7 +260,7 @@ class Scheduler:
         return self.nixl.needs_step() or (
             bool(self.nixl.held) and time.monotonic() - self._last_step_time >= _KV_POLL_S)
 
-    def _schedule_running(self, plan: _StepPlan) -> None:
+    def _schedule_running(self, plan: StepPlan) -> None:
         for request in list(self.running):
             if plan.budget == 0:
                 break
@@ -347,7 +300,7 @@ class Scheduler:
         end = request.num_computed_tokens + num_new
         return max(0, min(self.num_lookahead, self.max_model_len - end))
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, plan: _StepPlan,
+    def _allocate_or_preempt(self, request: Request, num_new: int, plan: StepPlan,
                              lookahead: int = 0) -> list[int] | None:
         """New block ids for `num_new` more tokens, preempting until they fit; None if `request`
         itself was preempted, or must wait for blocks that finishing requests hold."""
@@ -367,7 +320,7 @@ class Scheduler:
                 return None
         return block_ids
 
-    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+    def _preempt(self, request: Request, plan: StepPlan) -> None:
         self.running.remove(request)
         self.kv.free(request)
         self.encoder_cache.release_all(request)
@@ -380,7 +333,7 @@ class Scheduler:
         plan.drop(request.request_id)
         plan.preempted.add(request.request_id)
 
-    def _schedule_waiting(self, plan: _StepPlan) -> None:
+    def _schedule_waiting(self, plan: StepPlan) -> None:
         max_num_seqs = self.sched_config.max_num_seqs
         loras = self._running_loras()
         i = 0  # requests before i wait for a LoRA slot; they keep their place in the queue
@@ -436,7 +389,7 @@ class Scheduler:
     # ------------------------------------------------------------ encoder (multimodal)
 
     def _plan_encoder(self, request: Request, start: int, num_new: int,
-                      plan: _StepPlan) -> tuple[int, list[int]]:
+                      plan: StepPlan) -> tuple[int, list[int]]:
         """Cut [start, start + num_new) before an item this step cannot encode; the items it
         must encode."""
         if not request.mm_inputs:
@@ -445,7 +398,7 @@ class Scheduler:
                                        plan.encoding)
 
     def _commit_encoder(self, request: Request, num_new: int, to_encode: list[int],
-                        plan: _StepPlan) -> None:
+                        plan: StepPlan) -> None:
         """Reference the items request's scheduled range touches; queue the ones to encode."""
         if not request.mm_inputs:
             return
@@ -464,7 +417,7 @@ class Scheduler:
                 plan.encoder_budget -= item.length
                 plan.encoder_inputs.setdefault(request.request_id, []).append(i)
 
-    def _hand_over_encodes(self, request: Request, plan: _StepPlan) -> None:
+    def _hand_over_encodes(self, request: Request, plan: StepPlan) -> None:
         """A request preempted after it was scheduled this step no longer encodes its items:
         another scheduled request that references one takes the encode over."""
         for i in plan.encoder_inputs.pop(request.request_id, []):
@@ -515,7 +468,7 @@ class Scheduler:
         block_ids = self.kv.block_ids(request.request_id)
         self.connector.add_saves(block_ids[first:end], [h.hex() for h in hashes[first:end]])
 
-    def _build_step(self, plan: _StepPlan) -> ExecuteStep:
+    def _build_step(self, plan: StepPlan) -> ExecuteStep:
         new: list[NewReq] = []
         cached = CachedReqs(req_ids=[], new_block_ids=[], num_computed_tokens=[])
         num_scheduled: dict[str, int] = {}
