@@ -84,20 +84,18 @@ def main() -> int:
         held = msgspec.structs.replace(first, extra_args={
             "kv_transfer_params": {"do_remote_decode": True}})
 
-        def read(x) -> SamplingParams:
-            return msgspec.structs.replace(greedy, extra_args={"kv_transfer_params": x})
+        def reads(pre: list, **changes) -> list[SamplingParams]:
+            """D's params reading each of P's held prompts (P's outputs `pre`)."""
+            return [msgspec.structs.replace(greedy, **changes, extra_args={
+                "kv_transfer_params": msgspec.to_builtins(o.kv_transfer_params)}) for o in pre]
 
         timed(d, warm_d, first)
         timed(p, warm_p, first)
         _, pre = timed(p, warm_read, held)
-        timed(d, warm_read, [msgspec.structs.replace(
-            read(msgspec.to_builtins(pre[0].kv_transfer_params)), max_tokens=1)])
+        timed(d, warm_read, reads(pre, max_tokens=1))
         t_local, _ = timed(d, local, first)
         t_prefill, pre = timed(p, remote, held)
-        params = [msgspec.to_builtins(o.kv_transfer_params) for o in pre]
-
-        t_first, outs = timed(d, remote, [msgspec.structs.replace(read(x), max_tokens=1)
-                                          for x in params])
+        t_first, outs = timed(d, remote, reads(pre, max_tokens=1))
         cached = [o.num_cached_tokens for o in outs]
         stats = d.get_stats()
         block_size = 16  # CacheConfig's default
@@ -112,8 +110,7 @@ def main() -> int:
         # Greedy continuations: a second round (P holds again; D reads again, fresh ids).
         plain = p.generate([{"prompt_token_ids": q} for q in remote], greedy, use_tqdm=False)
         _, pre = timed(p, remote, held)
-        params = [msgspec.to_builtins(o.kv_transfer_params) for o in pre]
-        _, cont = timed(d, remote, [read(x) for x in params])
+        _, cont = timed(d, remote, reads(pre))
         same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids
                    for a, b in zip(cont, plain, strict=True))
         print(f"greedy continuations equal to P's plain answers: {same}/{len(remote)}")
